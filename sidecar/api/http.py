@@ -1,0 +1,170 @@
+"""The HTTP face on loopback: `/leader` (JSON or Server-Sent Events), probes, resign.
+
+It only reads snapshots from the Broadcaster and asks the elector to resign; it knows nothing
+about Leases or Kubernetes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from sidecar.state import Broadcaster, Leadership
+
+NO_CACHE = {"Cache-Control": "no-cache"}
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+class Control(Protocol):
+    """What the HTTP face may ask of the running election."""
+
+    def alive(self) -> bool: ...
+
+    async def resign(self) -> bool: ...
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(body).encode(),
+        status=status,
+        content_type="application/json",
+        headers=NO_CACHE,
+    )
+
+
+class HttpApi:
+    def __init__(self, broadcaster: Broadcaster, control: Control) -> None:
+        self._broadcaster = broadcaster
+        self._control = control
+
+    def snapshot(self) -> Leadership:
+        return self._broadcaster.current.as_of(time.monotonic())
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[_json_errors])
+        app.router.add_get("/", self.root)
+        app.router.add_get("/leader", self.leader)
+        app.router.add_get("/leader/self", self.leader_self)
+        app.router.add_post("/leader/resign", self.resign)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    async def root(self, request: web.Request) -> web.StreamResponse:
+        # The old contrib leader-elector answered {"name": ...} on every path; scripts that
+        # curl the root keep working. (A browser page belongs here once there is one.)
+        return await self.leader(request)
+
+    async def leader(self, request: web.Request) -> web.StreamResponse:
+        if _wants_stream(request):
+            return await self._stream(request)
+        return web.Response(
+            body=self.snapshot().to_json(), content_type="application/json", headers=NO_CACHE
+        )
+
+    async def leader_self(self, request: web.Request) -> web.Response:
+        snapshot = self.snapshot()
+        status = 200 if snapshot.is_leader else 503
+        return web.Response(
+            body=snapshot.to_json(),
+            status=status,
+            content_type="application/json",
+            headers=NO_CACHE,
+        )
+
+    async def resign(self, request: web.Request) -> web.Response:
+        if await self._control.resign():
+            return _json({"resigned": True, "identity": self.snapshot().identity})
+        return _json(
+            {
+                "resigned": False,
+                "error": "this replica does not lead",
+                "state": self.snapshot().role.value,
+            },
+            status=409,
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        snapshot = self.snapshot()
+        alive = self._control.alive()
+        body = {
+            "status": "ok"
+            if alive and snapshot.error is None
+            else ("degraded" if alive else "dead"),
+            "election_loop": "running" if alive else "stopped",
+            "state": snapshot.role.value,
+            "error": snapshot.error,
+        }
+        # Liveness means the loop runs: a lost API server is reported, not "fixed" by a restart.
+        return _json(body, status=200 if alive else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        snapshot = self.snapshot()
+        if snapshot.ready:
+            return _json({"status": "ready", "state": snapshot.role.value})
+        return _json(
+            {"status": "not ready", "reason": snapshot.error or "no observation of the lease yet"},
+            status=503,
+        )
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        updates = self._broadcaster.subscribe()
+        try:
+            next_update = asyncio.ensure_future(anext(updates))
+            while True:
+                done, _ = await asyncio.wait({next_update}, timeout=SSE_KEEPALIVE_SECONDS)
+                if not done:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                snapshot = next_update.result().as_of(time.monotonic())
+                await response.write(
+                    b"id: %d\nevent: leadership\ndata: %s\n\n"
+                    % (snapshot.revision, snapshot.to_json())
+                )
+                next_update = asyncio.ensure_future(anext(updates))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            next_update.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await next_update
+            await updates.aclose()
+        return response
+
+
+def _wants_stream(request: web.Request) -> bool:
+    if request.query.get("watch", "").lower() in ("1", "true", "yes"):
+        return True
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        return _json(
+            {
+                "error": f"method {request.method} not allowed on {request.path}",
+                "allowed": sorted(exc.allowed_methods),
+            },
+            status=405,
+        )
+    except web.HTTPNotFound:
+        return _json({"error": f"no such path: {request.path}"}, status=404)

@@ -1,0 +1,151 @@
+"""Wiring: backend -> elector -> broadcaster -> APIs; signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from sidecar.api.http import HttpApi
+from sidecar.config import ConfigError, Settings
+from sidecar.election.elector import Elector, Timings
+from sidecar.election.lock import LeaseLock
+from sidecar.log import configure
+from sidecar.naming import lease_labels, lease_name
+from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+
+EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+
+
+def run(settings: Settings) -> int:
+    configure(settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(_main(settings))
+    except ConfigError as exc:
+        print(f"leader-sidecar: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+class _Control:
+    def __init__(self, elector: Elector) -> None:
+        self.elector = elector
+        self.task: asyncio.Task[None] | None = None
+
+    def alive(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def resign(self) -> bool:
+        return await self.elector.resign()
+
+
+async def _open_backend(settings: Settings) -> tuple[LeaseLock, str, str]:
+    """The lock, its namespace and its Lease name; ConfigError for what a person must fix."""
+    if settings.backend == "local":
+        from sidecar.backends.local import LocalLeaseLock
+
+        name = settings.lease_name or lease_name(settings.lease_prefix, settings.election or "")
+        return LocalLeaseLock(settings.local_dir, name), settings.namespace or "local", name
+
+    from sidecar.backends.discovery import discover_workload
+    from sidecar.backends.kubeclient import KubeApi, k8s
+    from sidecar.backends.kubernetes import KubernetesLeaseLock
+
+    api = KubeApi(settings.kubeconfig, service_account_dir=settings.service_account_dir)
+    try:
+        connection = await api.connect()
+    except (k8s().ConfigException, OSError, ValueError, KeyError) as exc:
+        where = f"--kubeconfig {settings.kubeconfig}" if settings.kubeconfig else "in-cluster"
+        raise ConfigError(f"cannot load Kubernetes credentials ({where}): {exc}") from None
+    namespace = settings.namespace or connection.namespace or "default"
+    election = settings.election
+    if not election and not settings.lease_name:
+        election = await discover_workload(api, namespace, os.environ.get("POD_NAME", ""))
+    name = settings.lease_name or lease_name(settings.lease_prefix, election or "")
+    labels = lease_labels(election) if election else lease_labels(name)
+    lock = KubernetesLeaseLock(
+        api, namespace, name, labels, request_timeout=settings.renew_deadline
+    )
+    return lock, namespace, name
+
+
+async def _main(settings: Settings) -> int:
+    log: Any = structlog.get_logger("app")
+    lock, namespace, name = await _open_backend(settings)
+    broadcaster = Broadcaster(
+        Leadership(
+            identity=settings.identity,
+            role=Role.UNKNOWN,
+            leader="",
+            lease=LeaseInfo(name=name, namespace=namespace),
+            observed_at=datetime.now(UTC),
+        )
+    )
+    elector = Elector(
+        lock,
+        settings.identity,
+        Timings(settings.lease_duration, settings.renew_deadline, settings.retry_period),
+        broadcaster,
+        lease_name=name,
+        namespace=namespace,
+    )
+    control = _Control(elector)
+    runner = web.AppRunner(HttpApi(broadcaster, control).app(), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await lock.close()
+        raise ConfigError(
+            f"--http-address {settings.http_host}:{settings.http_port}: cannot listen: "
+            f"{exc.strerror or exc}"
+        ) from None
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "started",
+        backend=settings.backend,
+        lease=lock.description,
+        identity=settings.identity,
+        http=_listening(runner),
+        lease_duration=settings.lease_duration,
+        renew_deadline=settings.renew_deadline,
+        retry_period=settings.retry_period,
+    )
+    control.task = asyncio.create_task(elector.run(), name="elector")
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({control.task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    code = EXIT_OK
+    if control.task.done() and not control.task.cancelled() and control.task.exception():
+        log.error("election loop crashed", exc_info=control.task.exception())
+        code = EXIT_FATAL
+    control.task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await control.task
+    stopper.cancel()
+    log.info("stopping")
+    await elector.shutdown(timeout=settings.shutdown_timeout)
+    await runner.cleanup()
+    log.info("stopped")
+    return code
+
+
+def _listening(runner: web.AppRunner) -> list[str]:
+    addresses = []
+    for address in runner.addresses:
+        host, port = address[0], address[1]
+        addresses.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return addresses

@@ -1,0 +1,294 @@
+"""`leader-sidecar run`: flags and env vars -> Settings -> app.run. Bad input exits 2 at once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sidecar import __version__
+from sidecar.config import (
+    ConfigError,
+    Settings,
+    check_names,
+    check_timings,
+    default_local_dir,
+    parse_address,
+    parse_duration,
+)
+from sidecar.naming import default_identity
+
+ENV_PREFIX = "LEADER_SIDECAR_"
+EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    help: str
+    metavar: str = ""
+    default: str | None = None
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # the old contrib leader-elector's names, for drop-in use
+    group: str = "election"
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+OPTIONS = (
+    Option(
+        "--election",
+        "workload (e.g. Deployment) name the election is for; default: "
+        "discovered from the pod's owners (kubernetes), 'default' (local)",
+        "NAME",
+    ),
+    Option("--id", "this replica's identity; default: $POD_NAME, else the hostname", "ID"),
+    Option(
+        "--namespace",
+        "namespace of the Lease; default: $POD_NAMESPACE, the service "
+        "account's or kubeconfig's namespace, else 'default'",
+        "NS",
+        aliases=("--election-namespace",),
+    ),
+    Option(
+        "--lease-name", "Lease name; default: <lease-prefix>-<16 hex of sha256(election)>", "NAME"
+    ),
+    Option("--lease-prefix", "prefix of the derived Lease name", "PREFIX", "leader-sidecar"),
+    Option(
+        "--lease-duration",
+        "how long followers wait after the last renewal they saw before taking over",
+        "DURATION",
+        "15s",
+        aliases=("--ttl",),
+        group="timing",
+    ),
+    Option(
+        "--renew-deadline",
+        "the leader stops leading when it could not renew for this "
+        "long; default: 2/3 of the lease duration",
+        "DURATION",
+        group="timing",
+    ),
+    Option(
+        "--retry-period",
+        "how often the leader renews; default: 1/5 of the renew deadline",
+        "DURATION",
+        group="timing",
+    ),
+    Option(
+        "--backend",
+        "where the Lease lives: auto picks kubernetes in a pod or with a kubeconfig, else local",
+        default="auto",
+        choices=("auto", "kubernetes", "local"),
+        group="backend",
+    ),
+    Option(
+        "--kubeconfig",
+        "kubeconfig file (also $KUBECONFIG); default: in-cluster service account",
+        "PATH",
+        group="backend",
+    ),
+    Option(
+        "--local-dir",
+        "directory of the local backend's lease files",
+        "DIR",
+        str(default_local_dir()),
+        group="backend",
+    ),
+    Option(
+        "--service-account-dir",
+        "where the in-cluster token, CA and namespace are",
+        "DIR",
+        "/var/run/secrets/kubernetes.io/serviceaccount",
+        group="backend",
+    ),
+    Option(
+        "--http-address",
+        "HTTP API address (loopback: only the pod sees it)",
+        "HOST:PORT",
+        "127.0.0.1:4040",
+        aliases=("--http",),
+        group="serving",
+    ),
+    Option(
+        "--shutdown-timeout",
+        "on SIGTERM, how long releasing the Lease may take",
+        "DURATION",
+        "5s",
+        group="serving",
+    ),
+    Option(
+        "--log-format",
+        "auto: JSON unless stderr is a terminal",
+        default="auto",
+        choices=("auto", "json", "console"),
+        group="logging",
+    ),
+    Option(
+        "--log-level",
+        "",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        group="logging",
+    ),
+)
+
+GROUPS = {
+    "election": "election",
+    "timing": "timing (Go-style durations or seconds: 15s, 500ms, 1m, 2.5)",
+    "backend": "backend",
+    "serving": "serving",
+    "logging": "logging",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as for every other configuration error.
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="leader-sidecar",
+        description="Leader election for the replicas of a Kubernetes workload, served to the "
+        "app next to it on loopback: curl localhost:4040/leader.",
+    )
+    parser.add_argument("--version", action="version", version=f"leader-sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    run = commands.add_parser(
+        "run",
+        help="take part in the election and serve its state",
+        description="Take part in the election and serve its state. Every flag can also be "
+        f"set as an env var {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}LEASE_DURATION=15s); "
+        "flags win over env vars.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    groups = {key: run.add_argument_group(title) for key, title in GROUPS.items()}
+    for option in OPTIONS:
+        extra: dict[str, Any] = {}
+        if option.choices:
+            extra["choices"] = option.choices
+        else:
+            extra["metavar"] = option.metavar or None
+        default = f" (default {option.default})" if option.default else ""
+        groups[option.group].add_argument(
+            option.flag,
+            *option.aliases,
+            dest=option.dest,
+            default=None,
+            help=f"{option.help}{default} [env {option.env}]".strip(),
+            **extra,
+        )
+    return parser
+
+
+def _raw(args: argparse.Namespace, option: Option) -> tuple[str | None, str]:
+    """The option's text and where it came from (for messages): flag, env var, or default."""
+    value = getattr(args, option.dest)
+    if value is not None:
+        return value, option.flag
+    env = os.environ.get(option.env)
+    if env is not None and env != "":
+        if option.choices and env not in option.choices:
+            raise ConfigError(
+                f"{option.env}={env!r} ({option.flag}): choose from {', '.join(option.choices)}"
+            )
+        return env, f"{option.env} ({option.flag})"
+    return option.default, option.flag
+
+
+def _convert(args: argparse.Namespace, option: Option, parse: Callable[[str], Any]) -> Any:
+    text, source = _raw(args, option)
+    if text is None:
+        return None
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {source} {text!r}: {exc}") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    by_flag = {option.flag: option for option in OPTIONS}
+
+    def text(flag: str) -> str | None:
+        return _raw(args, by_flag[flag])[0]
+
+    def duration(flag: str) -> float | None:
+        return _convert(args, by_flag[flag], parse_duration)  # type: ignore[no-any-return]
+
+    lease = duration("--lease-duration")
+    assert lease is not None
+    renew = duration("--renew-deadline")
+    renew = renew if renew is not None else round(lease * 2 / 3, 3)
+    retry = duration("--retry-period")
+    retry = retry if retry is not None else round(renew / 5, 3)
+    check_timings(lease, renew, retry)
+
+    kubeconfig = text("--kubeconfig") or os.environ.get("KUBECONFIG") or None
+    service_account_dir = Path(text("--service-account-dir") or "")
+    backend = text("--backend") or "auto"
+    if backend == "auto":
+        from sidecar.backends.kubeclient import in_cluster
+
+        backend = "kubernetes" if kubeconfig or in_cluster(service_account_dir) else "local"
+
+    namespace = text("--namespace") or os.environ.get("POD_NAMESPACE") or None
+    lease_name = text("--lease-name")
+    prefix = text("--lease-prefix") or "leader-sidecar"
+    check_names(lease_name, prefix, namespace)
+
+    election = text("--election")
+    if backend == "local" and not election and not lease_name:
+        election = "default"
+    identity = text("--id") or default_identity(
+        in_kubernetes=backend == "kubernetes" and not kubeconfig
+    )
+    if not identity.strip():
+        raise ConfigError("--id must not be empty")
+    http_host, http_port = _convert(args, by_flag["--http-address"], parse_address)
+    shutdown = duration("--shutdown-timeout")
+    assert shutdown is not None
+    return Settings(
+        backend=backend,
+        identity=identity,
+        election=election,
+        lease_name=lease_name,
+        lease_prefix=prefix,
+        namespace=namespace,
+        kubeconfig=kubeconfig,
+        lease_duration=lease,
+        renew_deadline=renew,
+        retry_period=retry,
+        http_host=http_host,
+        http_port=http_port,
+        local_dir=Path(text("--local-dir") or default_local_dir()),
+        log_format=text("--log-format") or "auto",
+        log_level=text("--log-level") or "info",
+        shutdown_timeout=shutdown,
+        service_account_dir=service_account_dir,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"leader-sidecar: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from sidecar.app import run  # heavy imports only once the flags are known to be good
+
+    return run(settings)

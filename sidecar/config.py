@@ -1,0 +1,118 @@
+"""Settings and their validation. Every error names the flag (and the env var it came from)."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.naming import is_dns_subdomain
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class ConfigError(Exception):
+    """Bad configuration: one line for stderr, exit code 2, nothing started."""
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations (`15s`, `500ms`, `1m30s`) or plain seconds (`2.5`), in seconds."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty duration")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if position != len(text):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 15s, 500ms, 1m, or 2.5)")
+    return total
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (loopback)."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port out of range: {port}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, port
+
+
+def default_local_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "leader-sidecar"
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str  # "kubernetes" or "local" once resolved
+    identity: str
+    election: str | None  # the workload name; None: discover it from the pod
+    lease_name: str | None  # None: derived from prefix + workload once known
+    lease_prefix: str
+    namespace: str | None
+    kubeconfig: str | None
+    lease_duration: float
+    renew_deadline: float
+    retry_period: float
+    http_host: str
+    http_port: int
+    local_dir: Path
+    log_format: str
+    log_level: str
+    shutdown_timeout: float
+    service_account_dir: Path
+
+
+def check_timings(lease: float, renew: float, retry: float) -> None:
+    if lease < 1 or lease != int(lease):
+        raise ConfigError(
+            f"--lease-duration must be a whole number of seconds, at least 1 (got {lease:g}s): "
+            "the Lease stores whole seconds"
+        )
+    if retry <= 0:
+        raise ConfigError(f"--retry-period must be positive (got {retry:g}s)")
+    if not renew < lease:
+        raise ConfigError(
+            f"--renew-deadline ({renew:g}s) must be shorter than --lease-duration ({lease:g}s), "
+            "or a leader could still act after others took over"
+        )
+    if not renew > retry * 1.2:
+        raise ConfigError(
+            f"--renew-deadline ({renew:g}s) must be longer than 1.2 x --retry-period "
+            f"({retry:g}s), or one slow renewal loses leadership"
+        )
+
+
+def check_names(lease_name: str | None, prefix: str, namespace: str | None) -> None:
+    if lease_name is not None and not is_dns_subdomain(lease_name):
+        raise ConfigError(
+            f"--lease-name {lease_name!r} is not a valid Kubernetes object name "
+            "(lower-case letters, digits, '-' and '.', at most 253)"
+        )
+    if not is_dns_subdomain(f"{prefix}-0123456789abcdef"):
+        raise ConfigError(
+            f"--lease-prefix {prefix!r} does not make a valid Kubernetes object name "
+            "(lower-case letters, digits and '-', at most 236)"
+        )
+    if namespace is not None and not _DNS_LABEL.match(namespace):
+        raise ConfigError(f"--namespace {namespace!r} is not a valid namespace name")
