@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -20,6 +20,9 @@ from sidecar.election.lock import LeaseLock
 from sidecar.log import configure
 from sidecar.naming import lease_labels, lease_name
 from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+
+if TYPE_CHECKING:
+    from sidecar.api.grpc import GrpcApi
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
 
@@ -110,6 +113,19 @@ async def _main(settings: Settings) -> int:
             f"--http-address {settings.http_host}:{settings.http_port}: cannot listen: "
             f"{exc.strerror or exc}"
         ) from None
+    grpc_api: GrpcApi | None = None
+    grpc_listening: str | None = None
+    if settings.grpc_address != "off":
+        # Imported here: `--grpc-address off` spares grpcio's start-up time and memory.
+        from sidecar.api.grpc import GrpcAddressError, GrpcApi
+
+        grpc_api = GrpcApi(broadcaster, control)
+        try:
+            grpc_listening = await grpc_api.start(settings.grpc_address)
+        except GrpcAddressError as exc:
+            await runner.cleanup()
+            await lock.close()
+            raise ConfigError(f"--grpc-address: {exc}") from None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,6 +137,7 @@ async def _main(settings: Settings) -> int:
         lease=lock.description,
         identity=settings.identity,
         http=_listening(runner),
+        grpc=grpc_listening,
         lease_duration=settings.lease_duration,
         renew_deadline=settings.renew_deadline,
         retry_period=settings.retry_period,
@@ -138,6 +155,9 @@ async def _main(settings: Settings) -> int:
     stopper.cancel()
     log.info("stopping")
     await elector.shutdown(timeout=settings.shutdown_timeout)
+    if grpc_api is not None:
+        # After the elector's shutdown: open streams have heard "not leader" by now.
+        await grpc_api.stop()
     await runner.cleanup()
     log.info("stopped")
     return code

@@ -19,6 +19,7 @@ from sidecar.config import (
     default_local_dir,
     parse_address,
     parse_duration,
+    parse_grpc_address,
 )
 from sidecar.naming import default_identity
 
@@ -118,6 +119,13 @@ OPTIONS = (
         "HOST:PORT",
         "127.0.0.1:4040",
         aliases=("--http",),
+        group="serving",
+    ),
+    Option(
+        "--grpc-address",
+        "gRPC API address: HOST:PORT, unix:/PATH, or 'off'",
+        "ADDRESS",
+        "127.0.0.1:4041",
         group="serving",
     ),
     Option(
@@ -258,6 +266,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if not identity.strip():
         raise ConfigError("--id must not be empty")
     http_host, http_port = _convert(args, by_flag["--http-address"], parse_address)
+    grpc_address = _convert(args, by_flag["--grpc-address"], parse_grpc_address)
     shutdown = duration("--shutdown-timeout")
     assert shutdown is not None
     return Settings(
@@ -278,6 +287,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_level=text("--log-level") or "info",
         shutdown_timeout=shutdown,
         service_account_dir=service_account_dir,
+        grpc_address=grpc_address,
     )
 
 

@@ -58,6 +58,19 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_grpc_address(text: str) -> str:
+    """`host:port`, `[v6]:port`, `:port`, `unix:PATH` (gRPC's syntax), or `off` (no gRPC)."""
+    text = text.strip()
+    if text == "off":
+        return text
+    if text.startswith("unix:"):
+        if not text.removeprefix("unix:").strip("/"):
+            raise ValueError(f"no socket path in {text!r} (use e.g. unix:/run/leader.sock)")
+        return text
+    host, port = parse_address(text)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def default_local_dir() -> Path:
     return Path(tempfile.gettempdir()) / "leader-sidecar"
 
@@ -81,6 +94,7 @@ class Settings:
     log_level: str
     shutdown_timeout: float
     service_account_dir: Path
+    grpc_address: str = "127.0.0.1:4041"  # host:port, unix:/path, or "off"
 
 
 def check_timings(lease: float, renew: float, retry: float) -> None:

@@ -69,7 +69,7 @@ class MemoryLock:
         while True:
             async with self.store.changed:
                 await self.store.changed.wait_for(
-                    lambda: self.store.version != seen or self.store.down
+                    lambda v=seen: self.store.version != v or self.store.down
                 )
             self._check()
             seen = self.store.version

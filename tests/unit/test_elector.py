@@ -15,6 +15,7 @@ from sidecar.election.record import LeaderRecord
 from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
 from tests.unit.memory_lock import MemoryLock, Store
 
+MakeReplica = Callable[..., "Replica"]
 FAST = Timings(lease_duration=1.0, renew_deadline=0.6, retry_period=0.1)
 
 
@@ -101,7 +102,9 @@ async def settled(group: list[Replica]) -> Replica:
             await stream.aclose()
 
 
-async def test_a_lone_candidate_creates_the_lease_and_leads(store: Store, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_a_lone_candidate_creates_the_lease_and_leads(
+    store: Store, replicas: MakeReplica
+) -> None:
     a = replicas("a")
     await a.until(leading)
     assert store.current is not None
@@ -115,14 +118,14 @@ async def test_a_lone_candidate_creates_the_lease_and_leads(store: Store, replic
     assert a.now.valid_until is not None
 
 
-async def test_three_candidates_elect_exactly_one(replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_three_candidates_elect_exactly_one(replicas: MakeReplica) -> None:
     group = [replicas(n) for n in ("a", "b", "c")]
     leader = await settled(group)
     assert sum(r.now.is_leader for r in group) == 1
     assert {r.now.leader for r in group} == {leader.elector.identity}
 
 
-async def test_the_leader_renews(store: Store, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_the_leader_renews(store: Store, replicas: MakeReplica) -> None:
     a = replicas("a")
     await a.until(leading)
     first = len(store.writes)
@@ -134,7 +137,9 @@ async def test_the_leader_renews(store: Store, replicas) -> None:  # type: ignor
     assert a.now.is_leader
 
 
-async def test_resign_hands_over_at_once_and_the_token_grows(store: Store, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_resign_hands_over_at_once_and_the_token_grows(
+    store: Store, replicas: MakeReplica
+) -> None:
     group = [replicas(n) for n in ("a", "b", "c")]
     leader = await settled(group)
     token = leader.now.fencing_token
@@ -143,10 +148,10 @@ async def test_resign_hands_over_at_once_and_the_token_grows(store: Store, repli
     assert await leader.elector.resign()
     assert not leader.now.is_leader
     others = [r for r in group if r is not leader]
-    done, _ = await asyncio.wait(
-        [asyncio.ensure_future(r.until(leading)) for r in others],
-        return_when=asyncio.FIRST_COMPLETED,
-    )
+    waiters = [asyncio.ensure_future(r.until(leading)) for r in others]
+    _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in pending:
+        waiter.cancel()
     assert time.monotonic() - started < FAST.lease_duration  # no waiting for expiry
     new = await settled(group)
     assert new is not leader
@@ -156,7 +161,7 @@ async def test_resign_hands_over_at_once_and_the_token_grows(store: Store, repli
 
 async def test_a_crashed_leader_is_replaced_only_after_the_lease_duration(
     store: Store,
-    replicas,  # type: ignore[no-untyped-def]
+    replicas: MakeReplica,
 ) -> None:
     a = replicas("a")
     await a.until(leading)
@@ -174,7 +179,7 @@ async def test_a_crashed_leader_is_replaced_only_after_the_lease_duration(
 
 async def test_the_leader_stops_leading_before_the_renew_deadline_when_the_backend_is_gone(
     store: Store,
-    replicas,  # type: ignore[no-untyped-def]
+    replicas: MakeReplica,
 ) -> None:
     a = replicas("a")
     await a.until(leading)
@@ -193,7 +198,7 @@ async def test_the_leader_stops_leading_before_the_renew_deadline_when_the_backe
 
 async def test_a_foreign_write_makes_the_leader_step_down_at_once(
     store: Store,
-    replicas,  # type: ignore[no-untyped-def]
+    replicas: MakeReplica,
 ) -> None:
     a = replicas("a")
     await a.until(leading)
@@ -206,7 +211,7 @@ async def test_a_foreign_write_makes_the_leader_step_down_at_once(
     assert a.now.leader == "intruder"
 
 
-async def test_a_deleted_lease_is_recreated(store: Store, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_a_deleted_lease_is_recreated(store: Store, replicas: MakeReplica) -> None:
     group = [replicas(n) for n in ("a", "b")]
     await settled(group)
     await store.put(None)
@@ -219,7 +224,7 @@ async def test_a_deleted_lease_is_recreated(store: Store, replicas) -> None:  # 
 
 async def test_shutdown_tells_the_app_first_then_releases_like_client_go(
     store: Store,
-    replicas,  # type: ignore[no-untyped-def]
+    replicas: MakeReplica,
 ) -> None:
     a = replicas("a")
     await a.until(leading)
@@ -244,7 +249,9 @@ async def test_shutdown_tells_the_app_first_then_releases_like_client_go(
     assert record.lease_transitions == 0
 
 
-async def test_a_released_lease_is_taken_without_waiting(store: Store, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_a_released_lease_is_taken_without_waiting(
+    store: Store, replicas: MakeReplica
+) -> None:
     slow = Timings(lease_duration=30, renew_deadline=20, retry_period=2)
     a = replicas("a", slow)
     await a.until(leading)
@@ -257,7 +264,9 @@ async def test_a_released_lease_is_taken_without_waiting(store: Store, replicas)
     assert b.now.fencing_token == 1
 
 
-async def test_an_empty_backend_is_unknown_not_follower(store: Store, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_an_empty_backend_is_unknown_not_follower(
+    store: Store, replicas: MakeReplica
+) -> None:
     store.down = True
     a = replicas("a")
     await a.until(lambda s: s.error is not None)

@@ -1,0 +1,70 @@
+// Watch who leads, through the leader-sidecar next to this app; print one line per change.
+//
+//	go run . [ADDRESS]    (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041; unix:/path works too)
+package main
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	pb "leadersidecar-example/leadersidecarv1"
+)
+
+func main() {
+	address := os.Getenv("LEADER_SIDECAR_GRPC")
+	if len(os.Args) > 1 {
+		address = os.Args[1]
+	}
+	if address == "" {
+		address = "127.0.0.1:4041"
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	// Loopback only, inside the pod: no TLS.
+	conn, err := grpc.NewClient(address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		log.Fatalf("bad address %q: %v", address, err)
+	}
+	defer conn.Close()
+	client := pb.NewLeaderElectionClient(conn)
+
+	for ctx.Err() == nil {
+		// WaitForReady: while the sidecar starts, wait for it instead of failing at once.
+		stream, err := client.Watch(ctx, &pb.WatchRequest{}, grpc.WaitForReady(true))
+		for err == nil {
+			var state *pb.Leadership
+			if state, err = stream.Recv(); err == nil {
+				show(state)
+			}
+		}
+		if ctx.Err() == nil {
+			// The stream broke (sidecar restarting): until it is back, do not act as leader.
+			log.Printf("watch ended: %v; reconnecting", err)
+			time.Sleep(time.Second)
+		}
+	}
+}
+
+func show(s *pb.Leadership) {
+	token := "-"
+	if s.FencingToken != nil {
+		token = fmt.Sprint(s.GetFencingToken())
+	}
+	leader := s.GetLeader()
+	if leader == "" {
+		leader = "-"
+	}
+	fmt.Printf("state=%s leader=%s is_leader=%t fencing_token=%s revision=%d\n",
+		strings.TrimPrefix(s.GetState().String(), "STATE_"), leader, s.GetIsLeader(), token,
+		s.GetRevision())
+}

@@ -1,0 +1,59 @@
+// Watch who leads, through the leader-sidecar next to this app; print one line per change.
+//
+//   node watch.js [ADDRESS]   (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041; unix:/path too)
+//
+// The .proto is loaded at run time: no generated code. Copy proto/ next to your app, or point
+// LEADER_SIDECAR_PROTO_DIR at it.
+"use strict";
+
+const path = require("node:path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const protoDir =
+  process.env.LEADER_SIDECAR_PROTO_DIR || path.join(__dirname, "..", "..", "proto");
+const definition = protoLoader.loadSync("leadersidecar/v1/leader.proto", {
+  includeDirs: [protoDir],
+  enums: String, // "STATE_LEADER" rather than 2
+  longs: String, // int64 fencing tokens do not fit a JS number
+});
+const { LeaderElection } = grpc.loadPackageDefinition(definition).leadersidecar.v1;
+
+const address = process.argv[2] || process.env.LEADER_SIDECAR_GRPC || "127.0.0.1:4041";
+// Loopback only, inside the pod: no TLS.
+const client = new LeaderElection(address, grpc.credentials.createInsecure());
+
+function show(s) {
+  // proto3 `optional` fields are absent when unset.
+  const token = s.fencing_token ?? "-";
+  const state = s.state.replace(/^STATE_/, "");
+  console.log(
+    `state=${state} leader=${s.leader || "-"} is_leader=${s.is_leader} ` +
+      `fencing_token=${token} revision=${s.revision}`,
+  );
+}
+
+function watch() {
+  // waitForReady: while the sidecar starts, wait for it instead of failing at once.
+  const call = client.watch({}, { waitForReady: true });
+  call.on("data", show);
+  call.on("error", (err) => {
+    if (err.code === grpc.status.CANCELLED && stopping) return;
+    // The stream broke (sidecar restarting): until it is back, do not act as leader.
+    console.error(`watch ended: ${err.message}; reconnecting`);
+    setTimeout(() => {
+      if (!stopping) call = watch();
+    }, 1000);
+  });
+  return call;
+}
+
+let stopping = false;
+let call = watch();
+for (const signal of ["SIGINT", "SIGTERM"]) {
+  process.on(signal, () => {
+    stopping = true;
+    call.cancel();
+    client.close();
+  });
+}

@@ -1,0 +1,55 @@
+"""Watch who leads, through the leader-sidecar next to this app; print one line per change.
+
+    python watch.py [ADDRESS]   (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041; unix:/path too)
+
+The .proto is compiled at run time by grpcio-tools: no generated code to keep. Copy proto/ next to
+your app, or point LEADER_SIDECAR_PROTO_DIR at it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+PROTO_DIR = os.environ.get("LEADER_SIDECAR_PROTO_DIR") or str(
+    Path(__file__).resolve().parents[2] / "proto"
+)
+sys.path.append(PROTO_DIR)  # grpc.protos_and_services finds .proto files on sys.path
+pb, services = grpc.protos_and_services("leadersidecar/v1/leader.proto")
+
+
+def show(s: Any) -> None:  # a Leadership message; its class is made at run time
+    token = s.fencing_token if s.HasField("fencing_token") else "-"
+    name = pb.Leadership.State.Name(s.state).removeprefix("STATE_")
+    print(
+        f"state={name} leader={s.leader or '-'} is_leader={str(s.is_leader).lower()} "
+        f"fencing_token={token} revision={s.revision}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    address = (sys.argv[1:] or [os.environ.get("LEADER_SIDECAR_GRPC") or "127.0.0.1:4041"])[0]
+    # Loopback only, inside the pod: no TLS.
+    with grpc.insecure_channel(address) as channel:
+        client = services.LeaderElectionStub(channel)
+        while True:
+            try:
+                # wait_for_ready: while the sidecar starts, wait for it instead of failing.
+                for state in client.Watch(pb.WatchRequest(), wait_for_ready=True):
+                    show(state)
+            except grpc.RpcError as exc:
+                # The stream broke (sidecar restarting): until it is back, do not act as leader.
+                print(f"watch ended: {exc.code().name}; reconnecting", file=sys.stderr)
+                time.sleep(1)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

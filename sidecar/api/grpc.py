@@ -1,0 +1,303 @@
+"""The gRPC face on loopback: GetLeader, Watch (a stream of changes), Resign; health; reflection.
+
+Like the HTTP face it only reads snapshots from the Broadcaster and asks the elector to resign.
+Each snapshot is serialised once, whatever the number of streams: handlers send pre-serialised
+bytes (no response serializer), and take raw request bytes so that a malformed request gets
+INVALID_ARGUMENT from us rather than a generic error from the framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+from grpc_health.v1.health_pb2_grpc import add_HealthServicer_to_server
+from grpc_reflection.v1alpha import reflection
+
+from sidecar.api._pb.leadersidecar.v1 import leader_pb2 as pb
+from sidecar.api.http import Control
+from sidecar.state import Broadcaster, Leadership, Role
+
+SERVICE = "leadersidecar.v1.LeaderElection"
+# Health-only service name: SERVING on the leader alone, for probes and load balancers.
+LEADER_SERVICE = "leadersidecar.v1.Leader"
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    # gRPC sets SO_REUSEPORT by default: a second sidecar on the same port would silently share
+    # it. Fail instead, as the HTTP listener does.
+    ("grpc.so_reuseport", 0),
+    # Calls that arrive faster than the server picks them up wait here; the defaults (1,000 soft,
+    # 3,000 hard) cancel streams when a few thousand clients reconnect at once, e.g. after a
+    # sidecar restart.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    # Ping idle connections so that a frozen client's streams are freed, not kept forever.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+_STATE = {
+    Role.LEADER: pb.Leadership.STATE_LEADER,
+    Role.FOLLOWER: pb.Leadership.STATE_FOLLOWER,
+    Role.UNKNOWN: pb.Leadership.STATE_UNKNOWN,
+}
+
+M = TypeVar("M", bound=Message)
+Context = grpc.aio.ServicerContext[bytes, bytes]  # requests and responses travel as raw bytes
+
+
+class GrpcAddressError(Exception):
+    """The gRPC address cannot be listened on."""
+
+
+def to_message(snapshot: Leadership) -> pb.Leadership:
+    """The protobuf form of a snapshot: the same facts as HTTP `/leader`."""
+    lease = snapshot.lease
+    state = _STATE[snapshot.role]
+    if state == pb.Leadership.STATE_FOLLOWER and not snapshot.leader:
+        state = pb.Leadership.STATE_NO_LEADER
+    message = pb.Leadership(
+        leader=snapshot.leader,
+        identity=snapshot.identity,
+        is_leader=snapshot.is_leader,
+        state=state,
+        error=snapshot.error or "",
+        ready=snapshot.ready,
+        revision=snapshot.revision,
+        lease=pb.Lease(name=lease.name, namespace=lease.namespace),
+    )
+    message.observed_at.FromDatetime(snapshot.observed_at)
+    if snapshot.valid_until is not None:
+        message.valid_until.FromDatetime(snapshot.valid_until)
+    if snapshot.fencing_token is not None:
+        message.fencing_token = snapshot.fencing_token
+    if lease.transitions is not None:
+        message.lease.transitions = lease.transitions
+    if lease.acquire_time is not None:
+        message.lease.acquire_time.FromDatetime(lease.acquire_time)
+    if lease.renew_time is not None:
+        message.lease.renew_time.FromDatetime(lease.renew_time)
+    if lease.duration_seconds is not None:
+        message.lease.duration_seconds = lease.duration_seconds
+    return message
+
+
+class _Encoder:
+    """Snapshot -> wire bytes, computed once per snapshot and shared by every stream.
+
+    Snapshots are immutable and all woken streams send the same object, so remembering the last
+    one (and its expired view, see `Leadership.as_of`) is enough.
+    """
+
+    def __init__(self) -> None:
+        self._live: tuple[Leadership | None, bytes] = (None, b"")
+        self._expired: tuple[Leadership | None, bytes] = (None, b"")
+
+    def encode(self, snapshot: Leadership) -> bytes:
+        view = snapshot.as_of(time.monotonic())
+        if view is snapshot:
+            source, data = self._live
+            if source is not snapshot:
+                data = to_message(snapshot).SerializeToString()
+                self._live = (snapshot, data)
+            return data
+        source, data = self._expired
+        if source is not snapshot:
+            data = to_message(view).SerializeToString()
+            self._expired = (snapshot, data)
+        return data
+
+
+class _Health(HealthServicer):
+    """The stock servicer (Check, status keeping), with a Watch that never blocks `set()`.
+
+    The stock Watch writes while holding the service's Condition, so one health watcher that
+    stopped reading would block `set()` for everyone once its flow-control window is full. Here
+    each watcher re-reads the status after a wake-up (latest value wins), holding nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {}
+        self._closed = False
+        self._pulse = asyncio.Event()
+
+    def status(self, service: str) -> int:
+        return self._statuses.get(service, SERVICE_UNKNOWN)
+
+    async def update(self, statuses: dict[str, int]) -> None:
+        if self._closed:
+            return
+        for service, status in statuses.items():
+            self._statuses[service] = status
+            await self.set(service, status)  # for the stock Check
+        self._wake()
+
+    async def shut_down(self) -> None:
+        self._closed = True
+        await self.enter_graceful_shutdown()
+        self._statuses = dict.fromkeys(self._statuses, NOT_SERVING)
+        self._wake()
+
+    def _wake(self) -> None:
+        # set() then clear(): every current waiter is woken, later ones wait for the next change.
+        self._pulse.set()
+        self._pulse.clear()
+
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ],
+    ) -> None:
+        last: int | None = None
+        while True:
+            status = self.status(request.service)
+            if status == last:
+                await self._pulse.wait()
+                continue
+            await context.write(health_pb2.HealthCheckResponse(status=status))
+            last = status
+
+
+def _health_of(snapshot: Leadership, alive: bool) -> dict[str, int]:
+    ready = alive and snapshot.ready
+    return {
+        # Like /readyz: an unreachable backend is reported, not "fixed" by a probe restarting us.
+        "": SERVING if ready else NOT_SERVING,
+        SERVICE: SERVING if ready and snapshot.error is None else NOT_SERVING,
+        LEADER_SERVICE: SERVING if alive and snapshot.is_leader else NOT_SERVING,
+    }
+
+
+class GrpcApi:
+    """The gRPC server. `start()` once the HTTP site listens; `stop()` after the elector's
+    shutdown, so that open streams have been told "not leader" before they are closed."""
+
+    def __init__(self, broadcaster: Broadcaster, control: Control) -> None:
+        self._broadcaster = broadcaster
+        self._control = control
+        self._encoder = _Encoder()
+        self._health = _Health()
+        self._server: grpc.aio.Server | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self.streams = 0  # open Watch streams
+
+    def snapshot(self) -> Leadership:
+        return self._broadcaster.current.as_of(time.monotonic())
+
+    async def start(self, address: str) -> str:
+        """Listen on `host:port` or `unix:/path`; the address actually bound (port 0 resolved)."""
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            "GetLeader": grpc.unary_unary_rpc_method_handler(self._get_leader),
+            "Watch": grpc.unary_stream_rpc_method_handler(self._watch),
+            "Resign": grpc.unary_unary_rpc_method_handler(self._resign),
+        }
+        # Registered methods are looked up by the core, not by string matching in Python.
+        server.add_registered_method_handlers(SERVICE, handlers)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise GrpcAddressError(f"cannot listen on {address}: {exc}") from None
+        await server.start()
+        self._server = server
+        await self._health.update(_health_of(self.snapshot(), self._control.alive()))
+        self._health_task = asyncio.create_task(self._follow_health(), name="grpc-health")
+        if address.startswith("unix:"):
+            return address
+        host = address.rpartition(":")[0]
+        return f"{host}:{port}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Report NOT_SERVING, then close: unary calls get `grace` seconds, streams end."""
+        if self._server is None:
+            return
+        await self._health.shut_down()
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self._server.stop(grace)
+        self._server = None
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def _get_leader(self, request: bytes, context: Context) -> bytes:
+        await _parse(request, pb.GetLeaderRequest, context)
+        return self._encoder.encode(self._broadcaster.current)
+
+    async def _watch(self, request: bytes, context: Context) -> None:
+        await _parse(request, pb.WatchRequest, context)
+        updates = self._broadcaster.subscribe()
+        self.streams += 1
+        try:
+            # Asking for the next snapshot only after the write completed is what tells the
+            # Broadcaster that this client has heard the previous one (see `delivered()`);
+            # a client that stops reading only ever holds one pending write.
+            async for snapshot in updates:
+                await context.write(self._encoder.encode(snapshot))
+        finally:
+            self.streams -= 1
+            await updates.aclose()
+
+    async def _resign(self, request: bytes, context: Context) -> bytes:
+        await _parse(request, pb.ResignRequest, context)
+        if not await self._control.resign():
+            state = self.snapshot().role.value
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"this replica does not lead (it is {state})"
+            )
+        return pb.ResignResponse(identity=self.snapshot().identity).SerializeToString()
+
+    # ---------------------------------------------------------------- health
+
+    async def _follow_health(self) -> None:
+        updates = self._broadcaster.subscribe()
+        next_update = asyncio.ensure_future(anext(updates))
+        try:
+            while True:
+                snapshot = self.snapshot()
+                await self._health.update(_health_of(snapshot, self._control.alive()))
+                if next_update.done():
+                    next_update = asyncio.ensure_future(anext(updates))
+                # Wake at the leader's deadline too: never report the leader past it, even if
+                # the elector is late to say so. (A renewal moves the deadline: we just wait again.)
+                deadline = snapshot.valid_until_monotonic if snapshot.is_leader else None
+                timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                await asyncio.wait({next_update}, timeout=timeout)
+        finally:
+            next_update.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await next_update
+            await updates.aclose()
+
+
+async def _parse(raw: bytes, kind: type[M], context: Context) -> M:
+    """Decode a request; unknown fields are ignored (as protobuf does), garbage is refused."""
+    try:
+        return kind.FromString(raw)
+    except DecodeError as exc:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"cannot decode {kind.DESCRIPTOR.full_name}: {exc}",
+        )
