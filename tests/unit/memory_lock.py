@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from sidecar.election.lock import LockConflict, LockUnavailable
 from sidecar.election.record import LeaderRecord, VersionedRecord
@@ -68,12 +68,13 @@ class MemoryLock:
         yield self.store.current
         while True:
             async with self.store.changed:
-                await self.store.changed.wait_for(
-                    lambda v=seen: self.store.version != v or self.store.down
-                )
+                await self.store.changed.wait_for(self._moved_from(seen))
             self._check()
             seen = self.store.version
             yield self.store.current
+
+    def _moved_from(self, version: int) -> Callable[[], bool]:
+        return lambda: self.store.version != version or self.store.down
 
     async def close(self) -> None:
         return None
