@@ -101,7 +101,9 @@ async def _main(settings: Settings) -> int:
         namespace=namespace,
     )
     control = _Control(elector)
-    runner = web.AppRunner(HttpApi(broadcaster, control).app(), access_log=None)
+    http_api = HttpApi(broadcaster, control)
+    # Open event streams are ended by http_api.close(); nothing else should hold shutdown up.
+    runner = web.AppRunner(http_api.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -158,6 +160,7 @@ async def _main(settings: Settings) -> int:
     if grpc_api is not None:
         # After the elector's shutdown: open streams have heard "not leader" by now.
         await grpc_api.stop()
+    http_api.close()
     await runner.cleanup()
     log.info("stopped")
     return code

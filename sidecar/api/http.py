@@ -42,6 +42,11 @@ class HttpApi:
     def __init__(self, broadcaster: Broadcaster, control: Control) -> None:
         self._broadcaster = broadcaster
         self._control = control
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """End every event stream (at shutdown, after the last state was sent)."""
+        self._closing.set()
 
     def snapshot(self) -> Leadership:
         return self._broadcaster.current.as_of(time.monotonic())
@@ -125,8 +130,15 @@ class HttpApi:
         updates = self._broadcaster.subscribe()
         try:
             next_update = asyncio.ensure_future(anext(updates))
+            closing = asyncio.ensure_future(self._closing.wait())
             while True:
-                done, _ = await asyncio.wait({next_update}, timeout=SSE_KEEPALIVE_SECONDS)
+                done, _ = await asyncio.wait(
+                    {next_update, closing},
+                    timeout=SSE_KEEPALIVE_SECONDS,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if closing in done:
+                    break
                 if not done:
                     await response.write(b": keep-alive\n\n")
                     continue
@@ -136,9 +148,10 @@ class HttpApi:
                     % (snapshot.revision, snapshot.to_json())
                 )
                 next_update = asyncio.ensure_future(anext(updates))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the client went away
         finally:
+            closing.cancel()
             next_update.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await next_update
