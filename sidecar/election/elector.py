@@ -64,6 +64,7 @@ class Elector:
             lease=lock.description, identity=identity
         )
         self._observed: VersionedRecord | None = None
+        self._deleted: LeaderRecord | None = None  # the last record before a deletion
         self._observed_at = 0.0  # monotonic time the record last changed, as seen here
         self._have_observation = False
         self._watch_healthy = False
@@ -124,7 +125,14 @@ class Elector:
         record_changed = (current is None) != (previous is None) or (
             current is not None and previous is not None and current.record != previous.record
         )
-        if record_changed or not self._have_observation:
+        if current is None and previous is not None:
+            # Deleted (by an operator?). Its holder may still act until its deadline, so the
+            # deleted record keeps counting down as if it were still there: nobody may create
+            # a new Lease before the old term would have lapsed.
+            self._deleted = previous.record
+        elif current is not None:
+            self._deleted = None
+        if (record_changed and current is not None) or not self._have_observation:
             self._observed_at = self._clock.monotonic()
             new_holder = current.record.holder_identity if current else ""
             old_holder = previous.record.holder_identity if previous else ""
@@ -155,11 +163,17 @@ class Elector:
             self._changed.set()  # let the campaign fall back to reading the record itself
             await asyncio.sleep(backoff.next())
 
+    def _record(self) -> LeaderRecord | None:
+        """The record that governs the election: the observed one, or the deleted one."""
+        return self._observed.record if self._observed else self._deleted
+
     def _holder(self) -> str:
-        return self._observed.record.holder_identity if self._observed else ""
+        record = self._record()
+        return record.holder_identity if record else ""
 
     def _observed_duration(self) -> float:
-        seconds = self._observed.record.lease_duration_seconds if self._observed else 0
+        record = self._record()
+        seconds = record.lease_duration_seconds if record else 0
         return float(seconds) if seconds > 0 else self.timings.lease_duration
 
     def _expires_at(self) -> float:
@@ -213,7 +227,9 @@ class Elector:
         duration = round(self.timings.lease_duration)
         try:
             if observed is None:
-                record = LeaderRecord(self.identity, duration, now, now, 0)
+                # After a deletion, continue the count so that fencing tokens keep growing.
+                transitions = self._deleted.lease_transitions + 1 if self._deleted else 0
+                record = LeaderRecord(self.identity, duration, now, now, transitions)
                 result = await asyncio.wait_for(self._lock.create(record), self._request_timeout())
             else:
                 old = observed.record
@@ -251,8 +267,11 @@ class Elector:
         next_renew = self._last_renew + self.timings.retry_period
         # Sleep until the next renewal, but wake for a foreign write or deletion.
         await self._wait_for_change(next_renew - self._clock.monotonic())
+        if self._observed is None:
+            self._lose("the Lease was deleted")
+            return
         if self._holder() != self.identity:
-            self._lose("the Lease was taken or deleted by someone else")
+            self._lose("the Lease was taken by someone else")
             return
         if self._clock.monotonic() < next_renew:
             return
@@ -368,6 +387,7 @@ class Elector:
         wall = self._clock.now()
         leading = self._leading and mono < self._valid_until
         record = self._observed.record if self._observed else None
+        governing = self._record()
         if leading:
             role, leader = Role.LEADER, self.identity
         elif self._error is not None or not self._have_observation:
@@ -390,7 +410,7 @@ class Elector:
                 observed_at=wall,
                 valid_until=wall + timedelta(seconds=self._valid_until - mono) if leading else None,
                 valid_until_monotonic=self._valid_until if leading else None,
-                fencing_token=record.lease_transitions if record and leader else None,
+                fencing_token=governing.lease_transitions if governing and leader else None,
                 error=self._error,
                 ready=self._have_observation,
             )

@@ -1,0 +1,279 @@
+"""What only the Kubernetes backend has: operators, outages, RBAC, tokens, owner discovery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.sidecars import Sidecar, assert_never_two_leaders, start_all, wait_one_leader
+from tests.kube.cluster import Cluster
+
+LEASE, RENEW, RETRY = 3, 2, 0.4
+TIMINGS = [
+    "--lease-duration",
+    f"{LEASE}s",
+    "--renew-deadline",
+    f"{RENEW}s",
+    "--retry-period",
+    f"{RETRY}s",
+]
+LEASE_RULE = {
+    "apiGroups": ["coordination.k8s.io"],
+    "resources": ["leases"],
+    "verbs": ["get", "watch", "create", "update"],
+}
+
+
+def lease_path(namespace: str, name: str = "") -> str:
+    base = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    return f"{base}/{name}" if name else base
+
+
+@pytest.fixture
+def sidecars() -> Iterator[Callable[..., Sidecar]]:
+    made: list[Sidecar] = []
+
+    def make(name: str, args: list[str], env: dict[str, str] | None = None) -> Sidecar:
+        sidecar = Sidecar(name, [*TIMINGS, *args], env)
+        made.append(sidecar)
+        return sidecar
+
+    yield make
+    for sidecar in made:
+        sidecar.stop()
+    assert_never_two_leaders([s for s in made if "--election" in s.args])
+
+
+def admin_args(cluster: Cluster, namespace: str, election: str = "shop") -> list[str]:
+    return [
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        "--namespace",
+        namespace,
+        "--election",
+        election,
+    ]
+
+
+def test_a_lease_deleted_by_an_operator_is_recreated(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
+) -> None:
+    group = start_all(sidecars(f"r{i}", admin_args(kube_cluster, namespace)) for i in range(3))
+    leader = wait_one_leader(group)
+    name = leader.leader()["lease"]["name"]
+    status, _ = kube_cluster.api("DELETE", lease_path(namespace, name))
+    assert status == 200
+    # Everyone notices through the watch; the Lease comes back with one holder.
+    deadline = time.monotonic() + 10
+    while True:
+        status, lease = kube_cluster.api("GET", lease_path(namespace, name))
+        if status == 200 and lease["spec"].get("holderIdentity"):
+            break
+        assert time.monotonic() < deadline, "the Lease was not recreated"
+        group[0].wait_for(lambda s: True, timeout=0.1)  # let a streamed change pass
+    new = wait_one_leader(group)
+    assert lease["spec"]["holderIdentity"] == new.name
+    assert lease["metadata"]["labels"]["leader-sidecar.io/election"] == "shop"
+
+
+def test_a_lost_api_server_ends_leadership_before_the_renew_deadline(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
+) -> None:
+    group = start_all(sidecars(f"r{i}", admin_args(kube_cluster, namespace)) for i in range(3))
+    leader = wait_one_leader(group)
+    try:
+        stopped = time.monotonic()
+        kube_cluster.stop_apiserver(kill=True)
+        lost = leader.wait_for(lambda s: not s.get("is_leader"), timeout=RENEW + 2)
+        # The last successful renewal was before the stop, so the deadline passed by then.
+        assert lost - stopped <= RENEW + 0.3, f"still leader {lost - stopped:.3f}s after the stop"
+        for sidecar in group:
+            sidecar.wait_for(lambda s: s.get("state") == "unknown", timeout=LEASE + 5)
+        status, health = leader.request("GET", "/healthz")
+        assert status == 200
+        assert health["status"] == "degraded"
+        assert health["error"], health
+    finally:
+        kube_cluster.start_apiserver()
+    wait_one_leader(group, timeout=30)
+
+
+def test_a_user_without_rbac_on_leases_never_leads(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
+) -> None:
+    kubeconfig = kube_cluster.kubeconfig_for("noaccess")
+    sidecar = sidecars(
+        "lonely",
+        ["--kubeconfig", str(kubeconfig), "--namespace", namespace, "--election", "shop"],
+    ).wait_started()
+    sidecar.wait_for(lambda s: bool(s.get("error")), timeout=10)
+    snapshot = sidecar.leader()
+    assert snapshot["is_leader"] is False
+    assert snapshot["state"] == "unknown"
+    assert "RBAC denies" in snapshot["error"] and "leases" in snapshot["error"]
+    status, health = sidecar.request("GET", "/healthz")
+    assert "RBAC denies" in health["error"]
+    status, ready = sidecar.request("GET", "/readyz")
+    assert status == 503
+    assert "RBAC denies" in ready["reason"]
+    warnings = [e for e in sidecar.logs if e.get("event") == "backend error"]
+    assert warnings and "RBAC denies" in warnings[0]["error"]
+    assert all(not snapshot.get("is_leader") for _, snapshot in sidecar.events)
+
+
+def _service_account(cluster: Cluster, namespace: str, name: str) -> None:
+    for path, body in (
+        (f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": name}}),
+        (
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles",
+            {"metadata": {"name": name}, "rules": [LEASE_RULE]},
+        ),
+        (
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            },
+        ),
+    ):
+        status, answer = cluster.api("POST", path, body)
+        assert status == 201, answer
+
+
+def _mint(cluster: Cluster, namespace: str, account: str) -> str:
+    status, answer = cluster.api(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}/token",
+        {"spec": {"expirationSeconds": 3600}},
+    )
+    assert status == 201, answer
+    return str(answer["status"]["token"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_suffix(".new")
+    temp.write_text(text)
+    temp.replace(path)  # kubelet also swaps the token file rather than writing into it
+
+
+def test_in_cluster_credentials_follow_a_rotated_token(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    for account in ("old", "new"):
+        _service_account(kube_cluster, namespace, account)
+    secrets = tmp_path / "serviceaccount"
+    secrets.mkdir()
+    (secrets / "ca.crt").write_text(kube_cluster.ca_file.read_text())
+    (secrets / "namespace").write_text(namespace)
+    _write_atomically(secrets / "token", _mint(kube_cluster, namespace, "old"))
+    env = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(kube_cluster.port),
+    }
+    sidecar = sidecars(
+        "pod-0", ["--service-account-dir", str(secrets), "--election", "shop"], env
+    ).wait_started()
+    assert any(e.get("backend") == "kubernetes" for e in sidecar.logs)
+    sidecar.wait_for(lambda s: bool(s.get("is_leader")))
+    name = sidecar.leader()["lease"]["name"]
+    # Rotate: a new token in the file, and the old one made worthless.
+    _write_atomically(secrets / "token", _mint(kube_cluster, namespace, "new"))
+    status, _ = kube_cluster.api("DELETE", f"/api/v1/namespaces/{namespace}/serviceaccounts/old")
+    assert status == 200
+    _, before = kube_cluster.api("GET", lease_path(namespace, name))
+    # Several renewals later it still leads, and never stopped leading.
+    deadline = time.monotonic() + 3 * RENEW
+    while time.monotonic() < deadline:
+        sidecar.wait_for(lambda s: True, timeout=0.2)
+    _, after = kube_cluster.api("GET", lease_path(namespace, name))
+    assert after["spec"]["renewTime"] != before["spec"]["renewTime"]
+    assert after["spec"]["holderIdentity"] == "pod-0"
+    states = [s.get("is_leader") for _, s in sidecar.events]
+    assert all(states[states.index(True) :]), states  # once leading, never interrupted
+    assert "backend error" not in sidecar.log_events()
+
+
+def _create(cluster: Cluster, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    status, answer = cluster.api("POST", path, body)
+    assert status == 201, answer
+    return dict(answer)
+
+
+def _owner(obj: dict[str, Any], api_version: str, kind: str) -> list[dict[str, Any]]:
+    meta = obj["metadata"]
+    return [
+        {
+            "apiVersion": api_version,
+            "kind": kind,
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "controller": True,
+        }
+    ]
+
+
+def test_the_workload_is_discovered_from_the_pods_owners(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
+) -> None:
+    labels = {"app": "checkout"}
+    pod_spec = {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
+    deployment = _create(
+        kube_cluster,
+        f"/apis/apps/v1/namespaces/{namespace}/deployments",
+        {
+            "metadata": {"name": "checkout"},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            },
+        },
+    )
+    replicaset = _create(
+        kube_cluster,
+        f"/apis/apps/v1/namespaces/{namespace}/replicasets",
+        {
+            "metadata": {
+                "name": "checkout-5d8f",
+                "ownerReferences": _owner(deployment, "apps/v1", "Deployment"),
+            },
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            },
+        },
+    )
+    _create(
+        kube_cluster,
+        f"/api/v1/namespaces/{namespace}/pods",
+        {
+            "metadata": {
+                "name": "checkout-5d8f-x2x9z",
+                "labels": labels,
+                "ownerReferences": _owner(replicaset, "apps/v1", "ReplicaSet"),
+            },
+            "spec": pod_spec,
+        },
+    )
+    env = {"POD_NAME": "checkout-5d8f-x2x9z", "POD_NAMESPACE": namespace}
+    sidecar = sidecars(
+        "checkout-5d8f-x2x9z", ["--kubeconfig", str(kube_cluster.kubeconfig)], env
+    ).wait_started()
+    sidecar.wait_for(lambda s: bool(s.get("is_leader")))
+    expected = "leader-sidecar-" + hashlib.sha256(b"checkout").hexdigest()[:16]
+    assert sidecar.leader()["lease"]["name"] == expected
+    _, lease = kube_cluster.api("GET", lease_path(namespace, expected))
+    assert lease["metadata"]["labels"]["leader-sidecar.io/election"] == "checkout"
+
+    # Without `get` on pods, discovery fails at start with the permission named: exit 2.
+    denied = sidecars("denied", ["--kubeconfig", str(kube_cluster.kubeconfig_for("noaccess"))], env)
+    assert denied.wait_exit() == 2
+    message = " ".join(json.dumps(e) for e in denied.logs)
+    assert "RBAC denies 'get' on pods" in message, message
+    assert "--election" in message
