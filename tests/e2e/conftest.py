@@ -47,6 +47,8 @@ def namespace(kube_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator
     # No controller-manager runs, so nothing would empty the namespace and drop its
     # `kubernetes` finalizer: drop it here so that the namespace is really gone.
     status, body = kube_cluster.api(
-        "PUT", f"/api/v1/namespaces/{name}/finalize",
-        {"metadata": {"name": name}, "spec": {"finalizers": []}})
+        "PUT",
+        f"/api/v1/namespaces/{name}/finalize",
+        {"metadata": {"name": name}, "spec": {"finalizers": []}},
+    )
     assert status in (200, 404), body

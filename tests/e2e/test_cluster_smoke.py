@@ -15,8 +15,11 @@ def _leases(namespace: str) -> str:
 
 def _create_lease(c: Cluster, namespace: str, name: str) -> None:
     lease: dict[str, Any] = {
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name},
-        "spec": {"holderIdentity": "pod-a", "leaseDurationSeconds": 15}}
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": name},
+        "spec": {"holderIdentity": "pod-a", "leaseDurationSeconds": 15},
+    }
     status, body = c.api("POST", _leases(namespace), lease)
     assert status == 201, body
 
@@ -38,13 +41,15 @@ def test_user_without_rbac_is_forbidden(kube_cluster: Cluster, namespace: str) -
 
 def test_service_account_token_authenticates(kube_cluster: Cluster, namespace: str) -> None:
     c = kube_cluster
-    status, body = c.api("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts",
-                         {"metadata": {"name": "smoke"}})
+    status, body = c.api(
+        "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": "smoke"}}
+    )
     assert status == 201, body
     token = c.create_token(namespace, "smoke")
     review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
-    status, body = c.api("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews",
-                         review, token=token)
+    status, body = c.api(
+        "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", review, token=token
+    )
     assert status == 201, body
     assert body["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:smoke"
     assert token in c.kubeconfig_for(token).read_text()

@@ -37,8 +37,15 @@ BINARIES = ("kube-apiserver", "etcd")
 BUILD_FLAGS = ("-trimpath", "-buildvcs=false")
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
 # The `up` CLI writes these into --dir; `down` removes exactly these.
-STATE_ENTRIES = ("pki", "etcd-data", "tokens.csv", "kubeconfig", "cluster.json",
-                 "etcd.log", "kube-apiserver.log")
+STATE_ENTRIES = (
+    "pki",
+    "etcd-data",
+    "tokens.csv",
+    "kubeconfig",
+    "cluster.json",
+    "etcd.log",
+    "kube-apiserver.log",
+)
 # Users of the static token file: name -> groups (all also get system:authenticated).
 USERS: dict[str, tuple[str, ...]] = {
     "admin": ("system:masters",),
@@ -73,8 +80,10 @@ def _ldflags() -> str:
     v = _k8s_version()
     major, minor = v.lstrip("v").split(".")[:2]
     pkg = "k8s.io/component-base/version"
-    return (f"-s -w -X {pkg}.gitVersion={v} -X {pkg}.gitMajor={major}"
-            f" -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean")
+    return (
+        f"-s -w -X {pkg}.gitVersion={v} -X {pkg}.gitMajor={major}"
+        f" -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean"
+    )
 
 
 def tools_hash() -> str:
@@ -110,11 +119,21 @@ def build() -> Path:
         if all((out / b).exists() for b in BINARIES):
             return out
         tmp = Path(tempfile.mkdtemp(prefix="bin.", dir=out.parent))
-        cmd = [_go(), "build", *BUILD_FLAGS, f"-ldflags={_ldflags()}", "-o", f"{tmp}/",
-               "k8s.io/kubernetes/cmd/kube-apiserver", "./etcd"]
+        cmd = [
+            _go(),
+            "build",
+            *BUILD_FLAGS,
+            f"-ldflags={_ldflags()}",
+            "-o",
+            f"{tmp}/",
+            "k8s.io/kubernetes/cmd/kube-apiserver",
+            "./etcd",
+        ]
         env = {**os.environ, "CGO_ENABLED": "0"}
-        log(f"building kube-apiserver {_k8s_version()} + etcd into {out}"
-            " (cold Go cache: ~8 min on 2 cores; cached afterwards)")
+        log(
+            f"building kube-apiserver {_k8s_version()} + etcd into {out}"
+            " (cold Go cache: ~8 min on 2 cores; cached afterwards)"
+        )
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=TOOLS_DIR, env=env)
         while proc.poll() is None:
@@ -149,21 +168,57 @@ def _make_pki(pki: Path) -> None:
     """CA, a serving cert for 127.0.0.1/localhost, and the service-account RSA key pair."""
     pki.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", pki / "ca.key", "-out", pki / "ca.crt",
-             "-days", "3650", "-subj", "/CN=leader-sidecar-test-ca",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    _openssl("req", *ec, "-keyout", pki / "server.key", "-out", pki / "server.csr",
-             "-subj", "/CN=kube-apiserver")
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        pki / "ca.key",
+        "-out",
+        pki / "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=leader-sidecar-test-ca",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    _openssl(
+        "req",
+        *ec,
+        "-keyout",
+        pki / "server.key",
+        "-out",
+        pki / "server.csr",
+        "-subj",
+        "/CN=kube-apiserver",
+    )
     ext = pki / "server.ext"
     # Full set of extensions so that strict verifiers (e.g. Python 3.13's default) accept it.
-    ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                   "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
-                   "authorityKeyIdentifier=keyid\n"
-                   "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,"
-                   "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n")
-    _openssl("x509", "-req", "-in", pki / "server.csr", "-CA", pki / "ca.crt",
-             "-CAkey", pki / "ca.key", "-CAcreateserial", "-days", "3650",
-             "-extfile", ext, "-out", pki / "server.crt")
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,"
+        "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        pki / "server.csr",
+        "-CA",
+        pki / "ca.crt",
+        "-CAkey",
+        pki / "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-extfile",
+        ext,
+        "-out",
+        pki / "server.crt",
+    )
     _openssl("genrsa", "-out", pki / "sa.key", "2048")
     _openssl("rsa", "-in", pki / "sa.key", "-pubout", "-out", pki / "sa.pub")
 
@@ -223,8 +278,9 @@ class Cluster:
     ``detached=True`` (used by the ``up`` CLI).
     """
 
-    def __init__(self, state_dir: Path | None = None, bin_dir: Path | None = None,
-                 *, detached: bool = False) -> None:
+    def __init__(
+        self, state_dir: Path | None = None, bin_dir: Path | None = None, *, detached: bool = False
+    ) -> None:
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="leader-sidecar-kube."))
         self.state_dir = self.state_dir.resolve()
@@ -253,9 +309,12 @@ class Cluster:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             _make_pki(self.state_dir / "pki")
             self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
-            (self.state_dir / "tokens.csv").write_text("".join(
-                f'{self.tokens[u]},{u},uid-{u}' + (f',"{",".join(g)}"' if g else "") + "\n"
-                for u, g in USERS.items()))
+            (self.state_dir / "tokens.csv").write_text(
+                "".join(
+                    f"{self.tokens[u]},{u},uid-{u}" + (f',"{",".join(g)}"' if g else "") + "\n"
+                    for u, g in USERS.items()
+                )
+            )
             self.kubeconfig_for("admin", self.kubeconfig)
             self.start_etcd()
             self.start_apiserver()
@@ -275,27 +334,37 @@ class Cluster:
         # Appended to across restarts; the child keeps its own copy of the descriptor.
         with open(self.state_dir / f"{name}.log", "ab") as logf:
             return subprocess.Popen(
-                [str(self._bin_dir / name), *args], stdin=subprocess.DEVNULL, stdout=logf,
-                stderr=subprocess.STDOUT, cwd=self.state_dir,
+                [str(self._bin_dir / name), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.state_dir,
                 # Own process group: killpg reaches anything it forks, and Ctrl-C in a
                 # terminal does not hit it before we can shut it down in order.
                 start_new_session=True,
-                preexec_fn=None if self._detached else _die_with_parent())
+                preexec_fn=None if self._detached else _die_with_parent(),
+            )
 
     def start_etcd(self, timeout: float = 30.0) -> None:
         if self._etcd and self._etcd.poll() is None:
             return
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
         client = f"http://127.0.0.1:{self.etcd_port}"
-        self._etcd = self._spawn("etcd", [
-            "--name=default", f"--data-dir={self.state_dir / 'etcd-data'}",
-            f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=default={peer}",
-            "--log-level=warn",
-            # Test data only: skipping fsync makes every write much faster.
-            "--unsafe-no-fsync",
-        ])
+        self._etcd = self._spawn(
+            "etcd",
+            [
+                "--name=default",
+                f"--data-dir={self.state_dir / 'etcd-data'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=default={peer}",
+                "--log-level=warn",
+                # Test data only: skipping fsync makes every write much faster.
+                "--unsafe-no-fsync",
+            ],
+        )
         self._wait("etcd", self._etcd, self._etcd_healthy, timeout)
 
     def start_apiserver(self, timeout: float = 60.0) -> None:
@@ -303,26 +372,33 @@ class Cluster:
             return
         pki = self.state_dir / "pki"
         started = time.monotonic()
-        self._apiserver = self._spawn("kube-apiserver", [
-            f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.port}",
-            f"--tls-cert-file={pki / 'server.crt'}", f"--tls-private-key-file={pki / 'server.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            f"--token-auth-file={self.state_dir / 'tokens.csv'}",
-            "--authorization-mode=RBAC", "--anonymous-auth=false",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
-            # No controller-manager runs: ServiceAccount admission would reject every Pod
-            # for lack of a `default` ServiceAccount.
-            "--disable-admission-plugins=ServiceAccount",
-            # The `kubernetes` Service endpoint reconciler refuses a loopback address.
-            "--endpoint-reconciler-type=none",
-            "--enable-priority-and-fairness=false", "--profiling=false",
-        ])
+        self._apiserver = self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.port}",
+                f"--tls-cert-file={pki / 'server.crt'}",
+                f"--tls-private-key-file={pki / 'server.key'}",
+                f"--client-ca-file={pki / 'ca.crt'}",
+                f"--token-auth-file={self.state_dir / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                "--anonymous-auth=false",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+                # No controller-manager runs: ServiceAccount admission would reject every Pod
+                # for lack of a `default` ServiceAccount.
+                "--disable-admission-plugins=ServiceAccount",
+                # The `kubernetes` Service endpoint reconciler refuses a loopback address.
+                "--endpoint-reconciler-type=none",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+            ],
+        )
         self._wait("kube-apiserver", self._apiserver, self._apiserver_ready, timeout)
         self.apiserver_start_seconds = time.monotonic() - started
 
@@ -337,6 +413,8 @@ class Cluster:
         self._apiserver = None
 
     def stop_etcd(self, kill: bool = False) -> None:
+        """Stop etcd. SIGTERM takes ~7 s while the apiserver holds watches (etcd waits out
+        its request timeout); kill=True is instant and loses nothing short of a host crash."""
         _stop(self._etcd, kill)
         self._etcd = None
 
@@ -346,8 +424,9 @@ class Cluster:
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def _wait(self, name: str, proc: subprocess.Popen[bytes], ready: Callable[[], bool],
-              timeout: float) -> None:
+    def _wait(
+        self, name: str, proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -357,8 +436,10 @@ class Cluster:
             time.sleep(0.2)
         logfile = self.state_dir / f"{name}.log"
         _stop(proc, kill=True)
-        raise RuntimeError(f"{name} did not become ready (exit code {proc.returncode});"
-                           f" tail of {logfile}:\n{_tail(logfile)}")
+        raise RuntimeError(
+            f"{name} did not become ready (exit code {proc.returncode});"
+            f" tail of {logfile}:\n{_tail(logfile)}"
+        )
 
     def _etcd_healthy(self) -> bool:
         try:
@@ -391,7 +472,8 @@ class Cluster:
             f"    certificate-authority: {_q(str(self.ca_file))}\n"
             f"users:\n- name: {_q(user)}\n  user:\n    token: {_q(token)}\n"
             f"contexts:\n- name: test\n  context:\n    cluster: test\n    user: {_q(user)}\n"
-            "current-context: test\n")
+            "current-context: test\n"
+        )
         path.chmod(0o600)
         return path
 
@@ -400,19 +482,32 @@ class Cluster:
             self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
         return self._ssl
 
-    def api(self, method: str, path: str, body: Json | None = None, token: str | None = None,
-            *, content_type: str | None = None, timeout: float = 30.0) -> tuple[int, Any]:
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: Json | None = None,
+        token: str | None = None,
+        *,
+        content_type: str | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, Any]:
         """One JSON request as admin (or `token`); returns (status, parsed body or None).
 
         PATCH defaults to a JSON merge patch. Raises OSError when it cannot connect.
         """
         if content_type is None:
-            content_type = ("application/merge-patch+json" if method == "PATCH"
-                            else "application/json")
-        headers = {"Authorization": f"Bearer {token or self.admin_token}",
-                   "Accept": "application/json", "Content-Type": content_type}
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
-                                           context=self.ssl_context())
+            content_type = (
+                "application/merge-patch+json" if method == "PATCH" else "application/json"
+            )
+        headers = {
+            "Authorization": f"Bearer {token or self.admin_token}",
+            "Accept": "application/json",
+            "Content-Type": content_type,
+        }
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", self.port, timeout=timeout, context=self.ssl_context()
+        )
         try:
             conn.request(method, path, None if body is None else json.dumps(body), headers)
             resp = conn.getresponse()
@@ -424,13 +519,19 @@ class Cluster:
         except ValueError:
             return resp.status, raw.decode(errors="replace")  # e.g. /readyz's "ok"
 
-    def create_token(self, namespace: str, service_account: str,
-                     expiration_seconds: int = 3600) -> str:
+    def create_token(
+        self, namespace: str, service_account: str, expiration_seconds: int = 3600
+    ) -> str:
         """Mint a ServiceAccount token through the TokenRequest API."""
         status, body = self.api(
-            "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-             "spec": {"expirationSeconds": expiration_seconds}})
+            "POST",
+            f"/api/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": expiration_seconds},
+            },
+        )
         if status != 201:
             raise RuntimeError(f"TokenRequest failed: {status} {body}")
         return str(body["status"]["token"])
@@ -439,10 +540,17 @@ class Cluster:
 
     def save(self) -> None:
         assert self._etcd and self._apiserver
-        (self.state_dir / "cluster.json").write_text(json.dumps({
-            "server": self.server, "pids": {"etcd": self._etcd.pid,
-                                            "kube-apiserver": self._apiserver.pid},
-            "bin_dir": str(self._bin_dir), "tokens": self.tokens}, indent=2))
+        (self.state_dir / "cluster.json").write_text(
+            json.dumps(
+                {
+                    "server": self.server,
+                    "pids": {"etcd": self._etcd.pid, "kube-apiserver": self._apiserver.pid},
+                    "bin_dir": str(self._bin_dir),
+                    "tokens": self.tokens,
+                },
+                indent=2,
+            )
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -481,8 +589,9 @@ def down(state_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build kube-apiserver and etcd (cached); print the bin dir")
     for name in ("up", "down"):
@@ -495,10 +604,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.dir} already holds a cluster; run `down --dir {args.dir}`")
         cluster = Cluster(args.dir, detached=True).start()
         cluster.save()
-        print(f"kube-apiserver ready at {cluster.server} (state in {cluster.state_dir})\n"
-              f"  export KUBECONFIG={cluster.kubeconfig}\n"
-              f"  other users' tokens: {cluster.state_dir / 'tokens.csv'}\n"
-              f"  stop: python {Path(__file__)} down --dir {args.dir}")
+        print(
+            f"kube-apiserver ready at {cluster.server} (state in {cluster.state_dir})\n"
+            f"  export KUBECONFIG={cluster.kubeconfig}\n"
+            f"  other users' tokens: {cluster.state_dir / 'tokens.csv'}\n"
+            f"  stop: python {Path(__file__)} down --dir {args.dir}"
+        )
     else:
         down(args.dir)
     return 0
