@@ -152,7 +152,10 @@ def _translate(exc: ApiError, verb: str, namespace: str) -> LockError:
 
 
 def _versioned(lease: dict[str, Any]) -> VersionedRecord:
-    return VersionedRecord(
-        record=LeaderRecord.from_spec(lease.get("spec")),
-        version=str(lease["metadata"]["resourceVersion"]),
-    )
+    try:
+        return VersionedRecord(
+            record=LeaderRecord.from_spec(lease.get("spec")),
+            version=str(lease["metadata"]["resourceVersion"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LockUnavailable(f"the Lease holds a record we cannot read: {exc!r}") from exc

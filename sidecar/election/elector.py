@@ -158,6 +158,9 @@ class Elector:
                     self._publish()
             except LockError as exc:
                 self._set_error(str(exc))
+            except Exception as exc:  # a bug must not leave us trusting a dead watch
+                self._log.exception("watch failed")
+                self._set_error(f"watch failed: {exc!r}")
             self._watch_healthy = False
             self._publish()
             self._changed.set()  # let the campaign fall back to reading the record itself
@@ -328,7 +331,10 @@ class Elector:
         if not self._leading:
             return
         self._leading = False
-        self._log.warning("lost", reason=reason)
+        record = self._record()
+        self._log.warning(
+            "lost", reason=reason, transitions=record.lease_transitions if record else None
+        )
         self._publish()
 
     async def _step_down_and_release(self, reason: str, timeout: float | None = None) -> None:
