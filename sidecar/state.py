@@ -51,6 +51,7 @@ class Leadership:
     fencing_token: int | None = None
     error: str | None = None  # why the backend cannot be used right now
     ready: bool = False  # the first observation is done
+    app_health: str | None = None  # "healthy"/"unhealthy"/"unknown" with --app-health-url
     revision: int = 0  # grows with every change that subscribers are told about
     valid_until_monotonic: float | None = field(default=None, compare=False, repr=False)
     _json: bytes = field(default=b"", compare=False, repr=False)
@@ -70,12 +71,20 @@ class Leadership:
 
     def same_facts(self, other: Leadership) -> bool:
         """True when only times moved (a renewal): subscribers are not woken for that."""
-        return (self.role, self.leader, self.fencing_token, self.error, self.ready) == (
+        return (
+            self.role,
+            self.leader,
+            self.fencing_token,
+            self.error,
+            self.ready,
+            self.app_health,
+        ) == (
             other.role,
             other.leader,
             other.fencing_token,
             other.error,
             other.ready,
+            other.app_health,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +106,7 @@ class Leadership:
                 "duration_seconds": lease.duration_seconds,
             },
             "error": self.error,
+            "app_health": self.app_health,
         }
 
     def to_json(self) -> bytes:

@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -42,6 +43,16 @@ class Clock:
         return datetime.now(UTC)
 
 
+class LeadershipHooks(Protocol):
+    """Side effects that must happen in order with telling the app (e.g. a Pod label)."""
+
+    async def becoming_leader(self) -> None:
+        """After the Lease is won, before the app is told it leads."""
+
+    async def stepping_down(self) -> None:
+        """After the app was told it no longer leads, before the Lease is released."""
+
+
 class Elector:
     def __init__(
         self,
@@ -52,8 +63,10 @@ class Elector:
         lease_name: str,
         namespace: str,
         clock: Clock | None = None,
+        hooks: LeadershipHooks | None = None,
     ) -> None:
         self._lock = lock
+        self._hooks = hooks
         self.identity = identity
         self.timings = timings
         self._broadcaster = broadcaster
@@ -75,6 +88,9 @@ class Elector:
         self._sit_out_until = 0.0  # after a resign, let someone else win first
         self._changed = asyncio.Event()
         self._writing = asyncio.Lock()  # one write at a time: renew, acquire and release race
+        self._eligible = True  # False while the app is unhealthy: stay out of the race
+        self._app_health: str | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- public
 
@@ -96,6 +112,15 @@ class Elector:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+    def set_eligible(self, eligible: bool, app_health: str) -> None:
+        """Join the race (or leave it, resigning if leading) as the app's health changes."""
+        if eligible != self._eligible:
+            self._log.info("eligibility changed", eligible=eligible, app_health=app_health)
+        self._eligible = eligible
+        self._app_health = app_health
+        self._publish()
+        self._changed.set()
 
     async def resign(self) -> bool:
         """Stop leading and release the Lease; False if this replica did not lead."""
@@ -209,6 +234,9 @@ class Elector:
         if now < self._sit_out_until:
             await self._wait_for_change(self._sit_out_until - now)
             return
+        if not self._eligible:
+            await self._wait_for_change(self._jittered(self.timings.retry_period))
+            return
         async with self._writing:
             await self._try_acquire()
 
@@ -258,9 +286,11 @@ class Elector:
             await self._wait_for_change(self._jittered(self.timings.retry_period))
             return
         self._observe(result)
-        self._leading = True
         self._last_renew = sent
         self._valid_until = sent + self.timings.renew_deadline
+        if self._hooks is not None:
+            await self._run_hook(self._hooks.becoming_leader(), self._valid_until)
+        self._leading = True
         self._log.info("acquired", transitions=result.record.lease_transitions)
         self._publish()
 
@@ -270,6 +300,9 @@ class Elector:
         next_renew = self._last_renew + self.timings.retry_period
         # Sleep until the next renewal, but wake for a foreign write or deletion.
         await self._wait_for_change(next_renew - self._clock.monotonic())
+        if not self._eligible:
+            await self._step_down_and_release("the app is unhealthy")
+            return
         if self._observed is None:
             self._lose("the Lease was deleted")
             return
@@ -336,12 +369,20 @@ class Elector:
             "lost", reason=reason, transitions=record.lease_transitions if record else None
         )
         self._publish()
+        if self._hooks is not None:
+            deadline = self._clock.monotonic() + self._request_timeout()
+            task = asyncio.create_task(self._run_hook(self._hooks.stepping_down(), deadline))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _step_down_and_release(self, reason: str, timeout: float | None = None) -> None:
         self._leading = False
         self._publish()
         # Let subscribers hear "not leader" before anyone else can win.
         await self._broadcaster.delivered(timeout=0.25)
+        if self._hooks is not None:
+            deadline = self._clock.monotonic() + (timeout or self._request_timeout()) / 2
+            await self._run_hook(self._hooks.stepping_down(), deadline)
         try:
             async with asyncio.timeout(timeout or self._request_timeout()), self._writing:
                 for _ in range(2):
@@ -366,6 +407,18 @@ class Elector:
             self._log.warning("release failed", reason=reason, error=_describe(exc))
 
     # ---------------------------------------------------------------- helpers
+
+    async def _run_hook(self, hook: Coroutine[Any, Any, None], deadline: float) -> None:
+        """Run a hook until `deadline` (monotonic); its failure is logged, never fatal."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._clock.monotonic())):
+                await hook
+        except TimeoutError:
+            self._log.warning("hook timed out", hook=getattr(hook, "__qualname__", "?"))
+        except Exception as exc:
+            self._log.warning(
+                "hook failed", hook=getattr(hook, "__qualname__", "?"), error=str(exc)
+            )
 
     async def _wait_for_change(self, timeout: float) -> None:
         self._changed.clear()
@@ -419,6 +472,7 @@ class Elector:
                 fencing_token=governing.lease_transitions if governing and leader else None,
                 error=self._error,
                 ready=self._have_observation,
+                app_health=self._app_health,
             )
         )
 
