@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +19,14 @@ from sidecar.config import ConfigError, Settings
 from sidecar.election.elector import Elector, Timings
 from sidecar.election.lock import LeaseLock
 from sidecar.log import configure
-from sidecar.naming import lease_labels, lease_name
+from sidecar.naming import election_label_value, lease_labels, lease_name
 from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
 
 if TYPE_CHECKING:
     from sidecar.api.grpc import GrpcApi
+    from sidecar.backends.kubeclient import KubeApi
+    from sidecar.integration.notify import Notifier
+    from sidecar.integration.pod_label import PodLabeler
 
 EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
 
@@ -50,13 +54,24 @@ class _Control:
         return await self.elector.resign()
 
 
-async def _open_backend(settings: Settings) -> tuple[LeaseLock, str, str]:
-    """The lock, its namespace and its Lease name; ConfigError for what a person must fix."""
+@dataclass
+class _Backend:
+    lock: LeaseLock
+    namespace: str
+    lease_name: str
+    election: str
+    api: KubeApi | None = None  # the kubernetes backend's client, for the integrations
+    pod_namespace: str | None = None
+
+
+async def _open_backend(settings: Settings) -> _Backend:
+    """The lock and where it lives; ConfigError for what a person must fix."""
     if settings.backend == "local":
         from sidecar.backends.local import LocalLeaseLock
 
         name = settings.lease_name or lease_name(settings.lease_prefix, settings.election or "")
-        return LocalLeaseLock(settings.local_dir, name), settings.namespace or "local", name
+        local = LocalLeaseLock(settings.local_dir, name)
+        return _Backend(local, settings.namespace or "local", name, settings.election or name)
 
     from sidecar.backends.discovery import discover_workload
     from sidecar.backends.kubeclient import KubeApi, k8s
@@ -77,12 +92,32 @@ async def _open_backend(settings: Settings) -> tuple[LeaseLock, str, str]:
     lock = KubernetesLeaseLock(
         api, namespace, name, labels, request_timeout=settings.renew_deadline
     )
-    return lock, namespace, name
+    pod_namespace = os.environ.get("POD_NAMESPACE") or connection.namespace or namespace
+    return _Backend(lock, namespace, name, election or name, api, pod_namespace)
+
+
+async def _pod_labeler(settings: Settings, backend: _Backend) -> PodLabeler | None:
+    if not settings.label_pod:
+        return None
+    from sidecar.integration.pod_label import PodLabeler
+
+    assert backend.api is not None and backend.pod_namespace is not None  # checked by the CLI
+    labeler = PodLabeler(
+        backend.api,
+        backend.pod_namespace,
+        os.environ["POD_NAME"],
+        election_label_value(backend.election),
+        timeout=settings.renew_deadline / 2,
+    )
+    await labeler.start()
+    return labeler
 
 
 async def _main(settings: Settings) -> int:
     log: Any = structlog.get_logger("app")
-    lock, namespace, name = await _open_backend(settings)
+    backend = await _open_backend(settings)
+    lock, namespace, name = backend.lock, backend.namespace, backend.lease_name
+    labeler = await _pod_labeler(settings, backend)
     broadcaster = Broadcaster(
         Leadership(
             identity=settings.identity,
@@ -99,6 +134,7 @@ async def _main(settings: Settings) -> int:
         broadcaster,
         lease_name=name,
         namespace=namespace,
+        hooks=labeler,
     )
     control = _Control(elector)
     http_api = HttpApi(broadcaster, control)
@@ -144,6 +180,24 @@ async def _main(settings: Settings) -> int:
         renew_deadline=settings.renew_deadline,
         retry_period=settings.retry_period,
     )
+    helpers: list[asyncio.Task[None]] = []
+    notifier: Notifier | None = None
+    if settings.app_health_url:
+        from sidecar.integration.app_health import AppHealthMonitor
+
+        elector.set_eligible(False, "unknown")  # no campaign before the app first answers 2xx
+        monitor = AppHealthMonitor(
+            settings.app_health_url,
+            settings.app_health_period,
+            settings.app_health_failure_threshold,
+            elector.set_eligible,
+        )
+        helpers.append(asyncio.create_task(monitor.run(), name="app-health"))
+    if settings.notify_url:
+        from sidecar.integration.notify import Notifier
+
+        notifier = Notifier(settings.notify_url, broadcaster)
+        helpers.append(asyncio.create_task(notifier.run(), name="notify"))
     control.task = asyncio.create_task(elector.run(), name="elector")
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({control.task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -157,6 +211,13 @@ async def _main(settings: Settings) -> int:
     stopper.cancel()
     log.info("stopping")
     await elector.shutdown(timeout=settings.shutdown_timeout)
+    if notifier is not None:
+        await notifier.flush(timeout=1.0)
+    for helper in helpers:
+        helper.cancel()
+    await asyncio.gather(*helpers, return_exceptions=True)
+    if labeler is not None:
+        await labeler.close()
     if grpc_api is not None:
         # After the elector's shutdown: open streams have heard "not leader" by now.
         await grpc_api.stop()

@@ -18,8 +18,11 @@ from sidecar.config import (
     check_timings,
     default_local_dir,
     parse_address,
+    parse_bool,
     parse_duration,
     parse_grpc_address,
+    parse_http_url,
+    parse_positive_int,
 )
 from sidecar.naming import default_identity
 
@@ -36,6 +39,7 @@ class Option:
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()  # the old contrib leader-elector's names, for drop-in use
     group: str = "election"
+    boolean: bool = False  # a switch: `--flag`, or the env var set to true/false
 
     @property
     def dest(self) -> str:
@@ -136,6 +140,39 @@ OPTIONS = (
         group="serving",
     ),
     Option(
+        "--label-pod",
+        "keep leader-sidecar.io/role=leader|follower on this Pod (POD_NAME, POD_NAMESPACE), "
+        "set before the app hears it leads and reset before the Lease is released",
+        group="integration",
+        boolean=True,
+    ),
+    Option(
+        "--app-health-url",
+        "campaign only while the app answers 2xx here; the leader resigns when it keeps failing",
+        "URL",
+        group="integration",
+    ),
+    Option(
+        "--app-health-period",
+        "how often to ask --app-health-url (also its timeout)",
+        "DURATION",
+        "5s",
+        group="integration",
+    ),
+    Option(
+        "--app-health-failure-threshold",
+        "consecutive failures that make the app unhealthy",
+        "N",
+        "3",
+        group="integration",
+    ),
+    Option(
+        "--notify-url",
+        "POST the /leader JSON here on every change (retried with backoff; newest state wins)",
+        "URL",
+        group="integration",
+    ),
+    Option(
         "--log-format",
         "auto: JSON unless stderr is a terminal",
         default="auto",
@@ -156,6 +193,7 @@ GROUPS = {
     "timing": "timing (Go-style durations or seconds: 15s, 500ms, 1m, 2.5)",
     "backend": "backend",
     "serving": "serving",
+    "integration": "app integration (all off by default)",
     "logging": "logging",
 }
 
@@ -186,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {key: run.add_argument_group(title) for key, title in GROUPS.items()}
     for option in OPTIONS:
         extra: dict[str, Any] = {}
-        if option.choices:
+        if option.boolean:
+            extra.update(action="store_const", const="true")
+        elif option.choices:
             extra["choices"] = option.choices
         else:
             extra["metavar"] = option.metavar or None
@@ -269,7 +309,24 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     grpc_address = _convert(args, by_flag["--grpc-address"], parse_grpc_address)
     shutdown = duration("--shutdown-timeout")
     assert shutdown is not None
+    label_pod = _convert(args, by_flag["--label-pod"], parse_bool) or False
+    if label_pod and (backend != "kubernetes" or not os.environ.get("POD_NAME")):
+        raise ConfigError(
+            "--label-pod needs the kubernetes backend and POD_NAME (the Downward API's "
+            "metadata.name) to know which Pod to label"
+        )
+    app_health_url = _convert(args, by_flag["--app-health-url"], parse_http_url)
+    notify_url = _convert(args, by_flag["--notify-url"], parse_http_url)
+    health_period = duration("--app-health-period")
+    threshold = _convert(args, by_flag["--app-health-failure-threshold"], parse_positive_int)
+    if health_period is None or health_period <= 0:
+        raise ConfigError("--app-health-period must be positive")
     return Settings(
+        label_pod=label_pod,
+        app_health_url=app_health_url,
+        app_health_period=health_period,
+        app_health_failure_threshold=threshold,
+        notify_url=notify_url,
         backend=backend,
         identity=identity,
         election=election,

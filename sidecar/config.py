@@ -6,6 +6,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sidecar.naming import is_dns_subdomain
 
@@ -71,6 +72,29 @@ def parse_grpc_address(text: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("use true or false")
+
+
+def parse_positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def parse_http_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    return text.strip()
+
+
 def default_local_dir() -> Path:
     return Path(tempfile.gettempdir()) / "leader-sidecar"
 
@@ -94,6 +118,11 @@ class Settings:
     log_level: str
     shutdown_timeout: float
     service_account_dir: Path
+    label_pod: bool = False
+    app_health_url: str | None = None
+    app_health_period: float = 5.0
+    app_health_failure_threshold: int = 3
+    notify_url: str | None = None
     grpc_address: str = "127.0.0.1:4041"  # host:port, unix:/path, or "off"
 
 

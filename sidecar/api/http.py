@@ -105,6 +105,7 @@ class HttpApi:
             "election_loop": "running" if alive else "stopped",
             "state": snapshot.role.value,
             "error": snapshot.error,
+            "app_health": snapshot.app_health,
         }
         # Liveness means the loop runs: a lost API server is reported, not "fixed" by a restart.
         return _json(body, status=200 if alive else 503)

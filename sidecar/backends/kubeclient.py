@@ -260,6 +260,8 @@ class KubeApi:
     ) -> aiohttp.ClientResponse:
         assert self._rest is not None, "connect() first"
         headers = await self._headers(force_token)
+        if method == "PATCH":
+            headers["Content-Type"] = "application/merge-patch+json"
         response: aiohttp.ClientResponse = await self._rest.pool_manager.request(
             method,
             self._configuration.host + path,

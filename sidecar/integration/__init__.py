@@ -1,0 +1,1 @@
+"""Opt-in ways to connect the election to the app and the cluster around it."""
