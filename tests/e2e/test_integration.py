@@ -120,6 +120,10 @@ class LabelPoller:
         raise AssertionError(f"never seen; last {self.samples[-1] if self.samples else None}")
 
 
+def has_leader_label(pod: str) -> Callable[[dict[str, str]], bool]:
+    return lambda roles: roles.get(pod) == "leader"
+
+
 def test_the_role_label_follows_leadership_and_is_never_on_two_pods(
     kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
 ) -> None:
@@ -153,7 +157,7 @@ def test_the_role_label_follows_leadership_and_is_never_on_two_pods(
             live = [s for s in group if s.proc.poll() is None]
             new = wait_one_leader(live)
             told = new.wait_for(lambda s: bool(s.get("is_leader")))
-            labelled = poller.first(lambda r, n=new.name: r.get(n) == "leader", after=sent)
+            labelled = poller.first(has_leader_label(new.name), after=sent)
             moves.append(labelled - sent)
             # The label was set before the app heard it leads (the poll adds up to 20 ms).
             assert labelled <= told + 0.05
