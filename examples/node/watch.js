@@ -14,6 +14,8 @@ const protoDir =
   process.env.LEADER_SIDECAR_PROTO_DIR || path.join(__dirname, "..", "..", "proto");
 const definition = protoLoader.loadSync("leadersidecar/v1/leader.proto", {
   includeDirs: [protoDir],
+  keepCase: true, // field names as in the .proto: is_leader, fencing_token
+  defaults: true, // false and 0 are sent as "absent": fill them in (`optional` fields stay unset)
   enums: String, // "STATE_LEADER" rather than 2
   longs: String, // int64 fencing tokens do not fit a JS number
 });
@@ -33,23 +35,22 @@ function show(s) {
   );
 }
 
+let stopping = false;
+let call = null;
+
 function watch() {
   // waitForReady: while the sidecar starts, wait for it instead of failing at once.
-  const call = client.watch({}, { waitForReady: true });
+  call = client.watch({}, { waitForReady: true });
   call.on("data", show);
   call.on("error", (err) => {
-    if (err.code === grpc.status.CANCELLED && stopping) return;
+    if (stopping) return;
     // The stream broke (sidecar restarting): until it is back, do not act as leader.
     console.error(`watch ended: ${err.message}; reconnecting`);
-    setTimeout(() => {
-      if (!stopping) call = watch();
-    }, 1000);
+    setTimeout(() => stopping || watch(), 1000);
   });
-  return call;
 }
 
-let stopping = false;
-let call = watch();
+watch();
 for (const signal of ["SIGINT", "SIGTERM"]) {
   process.on(signal, () => {
     stopping = true;

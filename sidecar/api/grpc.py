@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any, TypeVar
 
-import grpc
+# gRPC's C core logs in its own format on stderr; its errors reach our log or the exit message
+# anyway. GRPC_VERBOSITY=debug (or info, error) in the environment still turns them on.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # after the default above
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -57,6 +62,7 @@ _STATE = {
 
 M = TypeVar("M", bound=Message)
 Context = grpc.aio.ServicerContext[bytes, bytes]  # requests and responses travel as raw bytes
+STOPPING = "leader-sidecar is stopping; reconnect"
 
 
 class GrpcAddressError(Exception):
@@ -76,6 +82,7 @@ def to_message(snapshot: Leadership) -> pb.Leadership:
         state=state,
         error=snapshot.error or "",
         ready=snapshot.ready,
+        app_health=snapshot.app_health or "",
         revision=snapshot.revision,
         lease=pb.Lease(name=lease.name, namespace=lease.namespace),
     )
@@ -168,6 +175,10 @@ class _Health(HealthServicer):
         while True:
             status = self.status(request.service)
             if status == last:
+                if self._closed:  # NOT_SERVING was sent: end the stream, do not hold up the stop
+                    context.set_code(grpc.StatusCode.UNAVAILABLE)
+                    context.set_details(STOPPING)
+                    return
                 await self._pulse.wait()
                 continue
             await context.write(health_pb2.HealthCheckResponse(status=status))
@@ -195,7 +206,13 @@ class GrpcApi:
         self._health = _Health()
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
-        self.streams = 0  # open Watch streams
+        self._streams: set[asyncio.Task[Any]] = set()  # the tasks serving open Watch streams
+        self._closing = False
+
+    @property
+    def streams(self) -> int:
+        """Open Watch streams."""
+        return len(self._streams)
 
     def snapshot(self) -> Leadership:
         return self._broadcaster.current.as_of(time.monotonic())
@@ -229,14 +246,19 @@ class GrpcApi:
         return f"{host}:{port}"
 
     async def stop(self, grace: float = 1.0) -> None:
-        """Report NOT_SERVING, then close: unary calls get `grace` seconds, streams end."""
+        """Report NOT_SERVING and end every stream with UNAVAILABLE at once (clients reconnect);
+        calls in flight get up to `grace` seconds."""
         if self._server is None:
             return
+        self._closing = True
         await self._health.shut_down()
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        # Watch streams never end by themselves: without this, stop() would always take `grace`.
+        for task in self._streams:
+            task.cancel(STOPPING)
         await self._server.stop(grace)
         self._server = None
 
@@ -248,16 +270,25 @@ class GrpcApi:
 
     async def _watch(self, request: bytes, context: Context) -> None:
         await _parse(request, pb.WatchRequest, context)
+        task = asyncio.current_task()
+        if self._closing or task is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
         updates = self._broadcaster.subscribe()
-        self.streams += 1
+        self._streams.add(task)
         try:
             # Asking for the next snapshot only after the write completed is what tells the
             # Broadcaster that this client has heard the previous one (see `delivered()`);
             # a client that stops reading only ever holds one pending write.
             async for snapshot in updates:
                 await context.write(self._encoder.encode(snapshot))
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise  # the client went away
+            task.uncancel()
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(STOPPING)
         finally:
-            self.streams -= 1
+            self._streams.discard(task)
             await updates.aclose()
 
     async def _resign(self, request: bytes, context: Context) -> bytes:

@@ -274,9 +274,12 @@ type Leadership struct {
 	Error string `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
 	// False until the sidecar has seen the Lease for the first time.
 	Ready bool `protobuf:"varint,10,opt,name=ready,proto3" json:"ready,omitempty"`
-	// Grows by one with every change of the facts above (not with renewals). Messages on one
+	// Grows by one with every change of the facts here (not with renewals). Messages on one
 	// Watch stream come in increasing order; a gap means intermediate states were skipped.
-	Revision      uint64 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision uint64 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
+	// With --app-health-url: "healthy", "unhealthy" or "unknown", as the sidecar last saw the app
+	// (a replica whose app is not healthy does not campaign, and resigns). "" without the flag.
+	AppHealth     string `protobuf:"bytes,12,opt,name=app_health,json=appHealth,proto3" json:"app_health,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -388,6 +391,13 @@ func (x *Leadership) GetRevision() uint64 {
 	return 0
 }
 
+func (x *Leadership) GetAppHealth() string {
+	if x != nil {
+		return x.AppHealth
+	}
+	return ""
+}
+
 // The coordination.k8s.io/v1 Lease the election runs on (or the local backend's equivalent).
 type Lease struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -489,7 +499,7 @@ const file_leadersidecar_v1_leader_proto_rawDesc = "" +
 	"\fWatchRequest\"\x0f\n" +
 	"\rResignRequest\",\n" +
 	"\x0eResignResponse\x12\x1a\n" +
-	"\bidentity\x18\x01 \x01(\tR\bidentity\"\x9b\x04\n" +
+	"\bidentity\x18\x01 \x01(\tR\bidentity\"\xba\x04\n" +
 	"\n" +
 	"Leadership\x12\x16\n" +
 	"\x06leader\x18\x01 \x01(\tR\x06leader\x12\x1a\n" +
@@ -505,7 +515,9 @@ const file_leadersidecar_v1_leader_proto_rawDesc = "" +
 	"\x05error\x18\t \x01(\tR\x05error\x12\x14\n" +
 	"\x05ready\x18\n" +
 	" \x01(\bR\x05ready\x12\x1a\n" +
-	"\brevision\x18\v \x01(\x04R\brevision\"U\n" +
+	"\brevision\x18\v \x01(\x04R\brevision\x12\x1d\n" +
+	"\n" +
+	"app_health\x18\f \x01(\tR\tappHealth\"U\n" +
 	"\x05State\x12\x11\n" +
 	"\rSTATE_UNKNOWN\x10\x00\x12\x12\n" +
 	"\x0eSTATE_FOLLOWER\x10\x01\x12\x10\n" +
