@@ -14,17 +14,19 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from sidecar.api.http import HttpApi
+from sidecar.api.http import HttpApi, metrics_app
 from sidecar.config import ConfigError, Settings
-from sidecar.election.elector import Elector, Timings
+from sidecar.election.elector import ElectionObserver, Elector, Timings
 from sidecar.election.lock import LeaseLock
 from sidecar.log import configure
+from sidecar.metrics import Metrics
 from sidecar.naming import election_label_value, lease_labels, lease_name
 from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
 
 if TYPE_CHECKING:
     from sidecar.api.grpc import GrpcApi
     from sidecar.backends.kubeclient import KubeApi
+    from sidecar.events import LeaderEvents
     from sidecar.integration.notify import Notifier
     from sidecar.integration.pod_label import PodLabeler
 
@@ -70,6 +72,7 @@ async def _open_backend(settings: Settings) -> _Backend:
         from sidecar.backends.local import LocalLeaseLock
 
         name = settings.lease_name or lease_name(settings.lease_prefix, settings.election or "")
+        assert settings.local_dir is not None  # resolved by the CLI for the local backend
         local = LocalLeaseLock(settings.local_dir, name)
         return _Backend(local, settings.namespace or "local", name, settings.election or name)
 
@@ -113,10 +116,85 @@ async def _pod_labeler(settings: Settings, backend: _Backend) -> PodLabeler | No
     return labeler
 
 
+class _Observers(ElectionObserver):
+    """Tells metrics and Kubernetes Events what the elector did; a failure is only logged."""
+
+    def __init__(self, *observers: ElectionObserver) -> None:
+        self._observers = observers
+        self._log: Any = structlog.get_logger("app")
+
+    def _each(self, call: Any) -> None:
+        for observer in self._observers:
+            try:
+                call(observer)
+            except Exception:
+                self._log.exception("observer failed", observer=type(observer).__name__)
+
+    def acquired(self, transitions: int) -> None:
+        self._each(lambda o: o.acquired(transitions))
+
+    def lost(self, reason: str) -> None:
+        self._each(lambda o: o.lost(reason))
+
+    def renewed(self, seconds: float) -> None:
+        self._each(lambda o: o.renewed(seconds))
+
+    def renew_failed(self, error: BaseException) -> None:
+        self._each(lambda o: o.renew_failed(error))
+
+
+async def _leader_events(
+    settings: Settings, backend: _Backend, metrics: Metrics
+) -> LeaderEvents | None:
+    """Kubernetes Events on this Pod (--events), or None with the reason logged once."""
+    if not settings.events:
+        return None
+    log: Any = structlog.get_logger("events")
+    pod = os.environ.get("POD_NAME", "")
+    if settings.backend != "kubernetes" or backend.api is None:
+        log.warning("--events is on but ignored: Events need the kubernetes backend")
+        return None
+    if not pod:
+        log.warning(
+            "--events is on but ignored: POD_NAME is not set (the Downward API's "
+            "metadata.name), so there is no Pod to record Events on"
+        )
+        return None
+    from sidecar.backends.kubeclient import KubeApi
+    from sidecar.events import LeaderEvents
+
+    # A client of its own: the lock's is closed as soon as the Lease is released, while the
+    # StoppedLeading Event may still be on its way.
+    api = KubeApi(settings.kubeconfig, service_account_dir=settings.service_account_dir)
+    try:
+        await api.connect()
+    except Exception as exc:
+        log.warning("--events is on but ignored: cannot load credentials", error=str(exc))
+        return None
+    api.observer = metrics.api_request
+    events = LeaderEvents(
+        api,
+        pod=pod,
+        pod_namespace=backend.pod_namespace or backend.namespace,
+        identity=settings.identity,
+        lease_name=backend.lease_name,
+        lease_namespace=backend.namespace,
+        pod_uid=os.environ.get("POD_UID") or None,
+        metrics=metrics,
+        timeout=min(5.0, settings.renew_deadline),
+    )
+    events.start()
+    return events
+
+
 async def _main(settings: Settings) -> int:
     log: Any = structlog.get_logger("app")
+    if settings.election:
+        structlog.contextvars.bind_contextvars(election=settings.election)
     backend = await _open_backend(settings)
     lock, namespace, name = backend.lock, backend.namespace, backend.lease_name
+    # Every log line from here on (tasks inherit the context) names the election and Lease.
+    structlog.contextvars.bind_contextvars(election=backend.election, lease=lock.description)
     labeler = await _pod_labeler(settings, backend)
     broadcaster = Broadcaster(
         Leadership(
@@ -127,6 +205,10 @@ async def _main(settings: Settings) -> int:
             observed_at=datetime.now(UTC),
         )
     )
+    metrics = Metrics(broadcaster, election=backend.election, backend=settings.backend)
+    if backend.api is not None:
+        backend.api.observer = metrics.api_request
+    events = await _leader_events(settings, backend, metrics)
     elector = Elector(
         lock,
         settings.identity,
@@ -135,9 +217,11 @@ async def _main(settings: Settings) -> int:
         lease_name=name,
         namespace=namespace,
         hooks=labeler,
+        observer=_Observers(metrics, events) if events is not None else metrics,
     )
     control = _Control(elector)
-    http_api = HttpApi(broadcaster, control)
+    http_api = HttpApi(broadcaster, control, metrics)
+    metrics.count_subscribers("sse", lambda: http_api.streams)
     # Open event streams are ended by http_api.close(); nothing else should hold shutdown up.
     runner = web.AppRunner(http_api.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
@@ -164,6 +248,24 @@ async def _main(settings: Settings) -> int:
             await runner.cleanup()
             await lock.close()
             raise ConfigError(f"--grpc-address: {exc}") from None
+        grpc_streams = grpc_api
+        metrics.count_subscribers("grpc", lambda: grpc_streams.streams)
+    metrics_runner: web.AppRunner | None = None
+    if settings.metrics_host is not None:
+        metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None)
+        await metrics_runner.setup()
+        try:
+            await web.TCPSite(metrics_runner, settings.metrics_host, settings.metrics_port).start()
+        except OSError as exc:
+            await metrics_runner.cleanup()
+            if grpc_api is not None:
+                await grpc_api.stop()
+            await runner.cleanup()
+            await lock.close()
+            raise ConfigError(
+                f"--metrics-address {settings.metrics_host}:{settings.metrics_port}: cannot "
+                f"listen: {exc.strerror or exc}"
+            ) from None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -176,6 +278,7 @@ async def _main(settings: Settings) -> int:
         identity=settings.identity,
         http=_listening(runner),
         grpc=grpc_listening,
+        metrics=_listening(metrics_runner) if metrics_runner is not None else None,
         lease_duration=settings.lease_duration,
         renew_deadline=settings.renew_deadline,
         retry_period=settings.retry_period,
@@ -211,6 +314,8 @@ async def _main(settings: Settings) -> int:
     stopper.cancel()
     log.info("stopping")
     await elector.shutdown(timeout=settings.shutdown_timeout)
+    if events is not None:
+        await events.close(timeout=1.0)  # StoppedLeading, if it is still on its way
     if notifier is not None:
         await notifier.flush(timeout=1.0)
     for helper in helpers:
@@ -223,6 +328,8 @@ async def _main(settings: Settings) -> int:
         await grpc_api.stop()
     http_api.close()
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     log.info("stopped")
     return code
 

@@ -105,9 +105,8 @@ OPTIONS = (
     ),
     Option(
         "--local-dir",
-        "directory of the local backend's lease files",
+        "directory of the local backend's lease files (default $TMPDIR/leader-sidecar)",
         "DIR",
-        str(default_local_dir()),
         group="backend",
     ),
     Option(
@@ -173,6 +172,21 @@ OPTIONS = (
         group="integration",
     ),
     Option(
+        "--events",
+        "record Kubernetes Events (BecameLeader, StoppedLeading) on this Pod (POD_NAME, "
+        "POD_NAMESPACE); needs 'create' on events.events.k8s.io",
+        group="operations",
+        boolean=True,
+    ),
+    Option(
+        "--metrics-address",
+        "also serve GET /metrics alone here, e.g. 0.0.0.0:9102 for Prometheus on the pod "
+        "network (the HTTP API serves /metrics on loopback anyway); 'off' for none",
+        "HOST:PORT",
+        "off",
+        group="operations",
+    ),
+    Option(
         "--log-format",
         "auto: JSON unless stderr is a terminal",
         default="auto",
@@ -194,6 +208,7 @@ GROUPS = {
     "backend": "backend",
     "serving": "serving",
     "integration": "app integration (all off by default)",
+    "operations": "operations",
     "logging": "logging",
 }
 
@@ -239,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{option.help}{default} [env {option.env}]".strip(),
             **extra,
         )
+    from sidecar.status import add_parser as add_status_parser
+
+    add_status_parser(commands)
     return parser
 
 
@@ -321,7 +339,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     threshold = _convert(args, by_flag["--app-health-failure-threshold"], parse_positive_int)
     if health_period is None or health_period <= 0:
         raise ConfigError("--app-health-period must be positive")
+    events = _convert(args, by_flag["--events"], parse_bool) or False
+    metrics_address = text("--metrics-address") or "off"
+    metrics_host, metrics_port = (
+        (None, 0)
+        if metrics_address == "off"
+        else _convert(args, by_flag["--metrics-address"], parse_address)
+    )
     return Settings(
+        events=events,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
         label_pod=label_pod,
         app_health_url=app_health_url,
         app_health_period=health_period,
@@ -339,7 +367,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         retry_period=retry,
         http_host=http_host,
         http_port=http_port,
-        local_dir=Path(text("--local-dir") or default_local_dir()),
+        # Resolved only for the local backend: finding a temp dir fails on a read-only root.
+        local_dir=Path(text("--local-dir") or default_local_dir()) if backend == "local" else None,
         log_format=text("--log-format") or "auto",
         log_level=text("--log-level") or "info",
         shutdown_timeout=shutdown,
@@ -351,6 +380,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "status":
+        from sidecar.status import run_status
+
+        return run_status(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:

@@ -113,7 +113,7 @@ class Settings:
     retry_period: float
     http_host: str
     http_port: int
-    local_dir: Path
+    local_dir: Path | None  # None unless the backend is local
     log_format: str
     log_level: str
     shutdown_timeout: float
@@ -124,6 +124,9 @@ class Settings:
     app_health_failure_threshold: int = 3
     notify_url: str | None = None
     grpc_address: str = "127.0.0.1:4041"  # host:port, unix:/path, or "off"
+    events: bool = False  # Kubernetes Events on the Pod when leadership changes
+    metrics_host: str | None = None  # --metrics-address: /metrics alone, e.g. for the pod network
+    metrics_port: int = 0
 
 
 def check_timings(lease: float, renew: float, retry: float) -> None:

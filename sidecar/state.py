@@ -157,7 +157,8 @@ class Broadcaster:
         Lease, so that the app hears "not leader" before anyone else can win.
         """
         try:
-            await asyncio.wait_for(self._all_acked.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._all_acked.wait()
         except TimeoutError:
             return False
         return True

@@ -29,6 +29,12 @@ class Control(Protocol):
     async def resign(self) -> bool: ...
 
 
+class MetricsSource(Protocol):
+    """Prometheus exposition (sidecar/metrics.py): the body and its content type."""
+
+    def render(self, accept: str | None) -> tuple[bytes, str]: ...
+
+
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(
         body=json.dumps(body).encode(),
@@ -39,10 +45,14 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
 
 
 class HttpApi:
-    def __init__(self, broadcaster: Broadcaster, control: Control) -> None:
+    def __init__(
+        self, broadcaster: Broadcaster, control: Control, metrics: MetricsSource | None = None
+    ) -> None:
         self._broadcaster = broadcaster
         self._control = control
+        self._metrics = metrics
         self._closing = asyncio.Event()
+        self.streams = 0  # open event streams (the leader_sidecar_subscribers{api="sse"} gauge)
 
     def close(self) -> None:
         """End every event stream (at shutdown, after the last state was sent)."""
@@ -59,12 +69,25 @@ class HttpApi:
         app.router.add_post("/leader/resign", self.resign)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        if self._metrics is not None:
+            app.router.add_get("/metrics", metrics_handler(self._metrics))
         return app
 
     async def root(self, request: web.Request) -> web.StreamResponse:
-        # The old contrib leader-elector answered {"name": ...} on every path; scripts that
-        # curl the root keep working. (A browser page belongs here once there is one.)
-        return await self.leader(request)
+        # Browsers get the status page. The old contrib leader-elector answered {"name": ...}
+        # on every path; scripts that curl the root (Accept: */*) keep getting the JSON.
+        if _wants_stream(request):
+            return await self._stream(request)
+        if _wants_html(request):
+            from sidecar.api.status_page import page
+
+            body, headers = page()
+            return web.Response(body=body, headers=headers)
+        return web.Response(
+            body=self.snapshot().to_json(),
+            content_type="application/json",
+            headers={**NO_CACHE, "Vary": "Accept"},
+        )
 
     async def leader(self, request: web.Request) -> web.StreamResponse:
         if _wants_stream(request):
@@ -129,6 +152,7 @@ class HttpApi:
         )
         await response.prepare(request)
         updates = self._broadcaster.subscribe()
+        self.streams += 1
         try:
             next_update = asyncio.ensure_future(anext(updates))
             closing = asyncio.ensure_future(self._closing.wait())
@@ -152,12 +176,39 @@ class HttpApi:
         except ConnectionResetError:
             pass  # the client went away
         finally:
+            self.streams -= 1
             closing.cancel()
             next_update.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await next_update
             await updates.aclose()
         return response
+
+
+def metrics_handler(
+    metrics: MetricsSource,
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        body, content_type = metrics.render(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type, **NO_CACHE})
+
+    return handler
+
+
+def metrics_app(metrics: MetricsSource) -> web.Application:
+    """Only `GET /metrics`: for `--metrics-address`, which may face the pod network."""
+    app = web.Application(middlewares=[_json_errors])
+    app.router.add_get("/metrics", metrics_handler(metrics))
+    return app
+
+
+def _wants_html(request: web.Request) -> bool:
+    """A browser's navigation asks for text/html; curl and HTTP libraries send */* or JSON."""
+    for part in request.headers.get("Accept", "").split(","):
+        media, *params = (item.strip() for item in part.split(";"))
+        if media.lower() in ("text/html", "application/xhtml+xml"):
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00") for p in params)
+    return False
 
 
 def _wants_stream(request: web.Request) -> bool:

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,12 @@ class Unreachable(Exception):
     """No HTTP answer: connection refused or reset, TLS failure, timeout."""
 
 
+# Told of every request: (verb, code, seconds). verb is the HTTP method, or WATCH for a watch;
+# code the HTTP status, `error` (no answer) or `timeout`; seconds None when the failure came
+# after the answer (a watch stream broke), so there is no latency to report.
+RequestObserver = Callable[[str, str, float | None], None]
+
+
 def in_cluster(service_account_dir: Path = SERVICE_ACCOUNT_DIR) -> bool:
     return (
         bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
@@ -150,6 +156,7 @@ class KubeApi:
         self._configuration: Any = None
         self._rest: Any = None
         self.connection: Connection | None = None
+        self.observer: RequestObserver | None = None  # metrics; must not raise or block
 
     async def connect(self) -> Connection:
         """Load credentials: a kubeconfig when given, else the pod's service account."""
@@ -210,13 +217,16 @@ class KubeApi:
     ) -> Any:
         """One call; returns the decoded JSON or raises ApiError / Unreachable."""
         for attempt in range(2):
+            started = time.monotonic()
             try:
                 async with asyncio.timeout(timeout):
                     response = await self._send(method, path, body, query, attempt > 0, None)
                     async with response:
                         data = await response.read()
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self._tell(method, _failure_code(exc), started)
                 raise Unreachable(_describe_transport(exc, self._host())) from exc
+            self._tell(method, str(response.status), started)
             if response.status == 401 and attempt == 0:
                 await self._reauthenticate()
                 continue
@@ -227,27 +237,38 @@ class KubeApi:
 
     async def stream(
         self, path: str, query: dict[str, str], *, timeout: float, idle_timeout: float
-    ) -> AsyncIterator[Any]:
-        """A watch: one decoded JSON object per line until the server ends it.
+    ) -> AsyncGenerator[Any, None]:
+        """A watch: `{"type": "OPENED"}` once the server accepted it, then one decoded JSON
+        object per line until the server ends it.
 
         `idle_timeout` bounds the silence between lines, so a black-holed connection is noticed.
         """
+        started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
                 response = await self._send("GET", path, None, query, False, idle_timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._tell("WATCH", _failure_code(exc), started)
             raise Unreachable(_describe_transport(exc, self._host())) from exc
+        self._tell("WATCH", str(response.status), started)
         async with response:
             if response.status >= 400:
                 if response.status == 401:
                     await self._reauthenticate()
                 raise _api_error(response.status, response.reason or "", await response.read())
+            yield {"type": "OPENED"}
             try:
                 async for line in response.content:
                     if line.strip():
                         yield json.loads(line)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self._tell("WATCH", _failure_code(exc), None)
                 raise Unreachable(_describe_transport(exc, self._host())) from exc
+
+    def _tell(self, verb: str, code: str, started: float | None) -> None:
+        if self.observer is not None:
+            seconds = None if started is None else time.monotonic() - started
+            self.observer(verb, code, seconds)
 
     async def _send(
         self,
@@ -295,6 +316,10 @@ def _api_error(status: int, reason: str, data: bytes) -> ApiError:
     except ValueError:
         message = data.decode(errors="replace")[:200]
     return ApiError(status, reason, message)
+
+
+def _failure_code(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, TimeoutError) else "error"
 
 
 def _describe_transport(exc: BaseException, host: str) -> str:

@@ -71,7 +71,11 @@ class KubernetesLeaseLock:
         return _versioned(lease)
 
     async def watch(self) -> AsyncIterator[VersionedRecord | None]:
-        """Read the Lease, then follow it from that resourceVersion; ends when the server does."""
+        """Read the Lease, then follow it from that resourceVersion; ends when the server does.
+
+        The watch is opened before the first record is yielded, so a watch the server refuses
+        (RBAC) fails here rather than after a reading that looked healthy.
+        """
         try:
             lease = await self._call("GET", f"{self._collection}/{self._name}", "get")
         except _NotFound:
@@ -79,7 +83,6 @@ class KubernetesLeaseLock:
             version = await self._collection_version()
         else:
             version = lease["metadata"]["resourceVersion"]
-        yield _versioned(lease) if lease else None
         query = {
             "watch": "true",
             "fieldSelector": f"metadata.name={self._name}",
@@ -87,10 +90,13 @@ class KubernetesLeaseLock:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(WATCH_SECONDS),
         }
+        events = self._api.stream(
+            self._collection, query, timeout=self._timeout, idle_timeout=WATCH_IDLE_SECONDS
+        )
         try:
-            async for event in self._api.stream(
-                self._collection, query, timeout=self._timeout, idle_timeout=WATCH_IDLE_SECONDS
-            ):
+            await anext(events)  # OPENED
+            yield _versioned(lease) if lease else None
+            async for event in events:
                 kind = event.get("type")
                 obj = event.get("object") or {}
                 if kind in ("ADDED", "MODIFIED"):
@@ -106,6 +112,8 @@ class KubernetesLeaseLock:
             raise _translate(exc, "watch", self._namespace) from exc
         except Unreachable as exc:
             raise LockUnavailable(str(exc)) from exc
+        finally:
+            await events.aclose()
 
     async def close(self) -> None:
         await self._api.close()

@@ -14,16 +14,18 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
 from sidecar.election.lock import LeaseLock, LockConflict, LockError, LockForbidden
 from sidecar.election.record import LeaderRecord, VersionedRecord
 from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,26 @@ class LeadershipHooks(Protocol):
         """After the app was told it no longer leads, before the Lease is released."""
 
 
+class ElectionObserver:
+    """Told what happened, for metrics and Kubernetes Events (sidecar/metrics.py, events.py).
+
+    Methods run inside the elector's decisions: they must return at once and never raise.
+    This base class ignores everything.
+    """
+
+    def acquired(self, transitions: int) -> None:
+        """This replica won the Lease and told the app it leads."""
+
+    def lost(self, reason: str) -> None:
+        """This replica told the app it no longer leads."""
+
+    def renewed(self, seconds: float) -> None:
+        """A renewal succeeded; it took `seconds` from send to answer."""
+
+    def renew_failed(self, error: BaseException) -> None:
+        """A renewal attempt failed with `error` (a LockError or TimeoutError)."""
+
+
 class Elector:
     def __init__(
         self,
@@ -64,9 +86,11 @@ class Elector:
         namespace: str,
         clock: Clock | None = None,
         hooks: LeadershipHooks | None = None,
+        observer: ElectionObserver | None = None,
     ) -> None:
         self._lock = lock
         self._hooks = hooks
+        self._observer = observer or ElectionObserver()
         self.identity = identity
         self.timings = timings
         self._broadcaster = broadcaster
@@ -84,7 +108,8 @@ class Elector:
         self._leading = False
         self._valid_until = 0.0  # monotonic; meaningful while leading
         self._last_renew = 0.0
-        self._error: str | None = None
+        self._error: str | None = None  # the last read or write failed: we know nothing
+        self._watch_error: str | None = None  # the watch fails; reads may still work
         self._sit_out_until = 0.0  # after a resign, let someone else win first
         self._changed = asyncio.Event()
         self._writing = asyncio.Lock()  # one write at a time: renew, acquire and release race
@@ -178,14 +203,15 @@ class Elector:
             try:
                 async for current in self._lock.watch():
                     self._watch_healthy = True
+                    self._set_watch_error(None)
                     backoff.reset()
                     self._observe(current)
                     self._publish()
             except LockError as exc:
-                self._set_error(str(exc))
+                self._set_watch_error(str(exc))
             except Exception as exc:  # a bug must not leave us trusting a dead watch
                 self._log.exception("watch failed")
-                self._set_error(f"watch failed: {exc!r}")
+                self._set_watch_error(f"watch failed: {exc!r}")
             self._watch_healthy = False
             self._publish()
             self._changed.set()  # let the campaign fall back to reading the record itself
@@ -242,7 +268,7 @@ class Elector:
 
     async def _refresh(self) -> bool:
         try:
-            current = await asyncio.wait_for(self._lock.get(), self._request_timeout())
+            current = await _within(self._lock.get(), self._request_timeout())
         except (LockError, TimeoutError) as exc:
             self._set_error(_describe(exc))
             self._publish()
@@ -261,7 +287,7 @@ class Elector:
                 # After a deletion, continue the count so that fencing tokens keep growing.
                 transitions = self._deleted.lease_transitions + 1 if self._deleted else 0
                 record = LeaderRecord(self.identity, duration, now, now, transitions)
-                result = await asyncio.wait_for(self._lock.create(record), self._request_timeout())
+                result = await _within(self._lock.create(record), self._request_timeout())
             else:
                 old = observed.record
                 ours = old.holder_identity == self.identity
@@ -272,7 +298,7 @@ class Elector:
                     renew_time=now,
                     lease_transitions=old.lease_transitions if ours else old.lease_transitions + 1,
                 )
-                result = await asyncio.wait_for(
+                result = await _within(
                     self._lock.update(record, observed.version), self._request_timeout()
                 )
         except LockConflict:
@@ -293,6 +319,7 @@ class Elector:
         self._leading = True
         self._log.info("acquired", transitions=result.record.lease_transitions)
         self._publish()
+        self._observer.acquired(result.record.lease_transitions)
 
     # --------------------------------------------------------------- leader
 
@@ -329,18 +356,19 @@ class Elector:
                 lease_duration_seconds=round(self.timings.lease_duration),
             )
             try:
-                result = await asyncio.wait_for(
-                    self._lock.update(record, observed.version), remaining
-                )
-            except LockConflict:
+                result = await _within(self._lock.update(record, observed.version), remaining)
+            except LockConflict as exc:
+                self._observer.renew_failed(exc)
                 if await self._refresh() and self._holder() == self.identity:
                     continue  # our own earlier write landed; renew on the new version
                 self._lose("another writer changed the Lease")
                 return
-            except TimeoutError:
+            except TimeoutError as exc:
+                self._observer.renew_failed(exc)
                 self._lose("renew deadline passed without a successful renewal")
                 return
             except LockError as exc:
+                self._observer.renew_failed(exc)
                 self._set_error(str(exc))
                 self._publish()
                 pause = min(
@@ -354,6 +382,7 @@ class Elector:
                 self._log.warning(
                     "renewed late", since_last_renew=round(sent - self._last_renew, 3)
                 )
+            self._observer.renewed(self._clock.monotonic() - sent)
             self._observe(result)
             self._last_renew = sent
             self._valid_until = sent + self.timings.renew_deadline
@@ -369,6 +398,7 @@ class Elector:
             "lost", reason=reason, transitions=record.lease_transitions if record else None
         )
         self._publish()
+        self._observer.lost(reason)
         if self._hooks is not None:
             deadline = self._clock.monotonic() + self._request_timeout()
             task = asyncio.create_task(self._run_hook(self._hooks.stepping_down(), deadline))
@@ -378,6 +408,7 @@ class Elector:
     async def _step_down_and_release(self, reason: str, timeout: float | None = None) -> None:
         self._leading = False
         self._publish()
+        self._observer.lost(reason)
         # Let subscribers hear "not leader" before anyone else can win.
         await self._broadcaster.delivered(timeout=0.25)
         if self._hooks is not None:
@@ -425,13 +456,19 @@ class Elector:
         if timeout <= 0:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            await _within(self._changed.wait(), timeout)
 
     def _request_timeout(self) -> float:
         return max(self.timings.renew_deadline, 1.0)
 
     def _jittered(self, seconds: float) -> float:
         return seconds * (1.0 + 0.2 * random.random())
+
+    def _set_watch_error(self, error: str | None) -> None:
+        """Watch failures are kept apart: reads that still work must not hide them."""
+        if error != self._watch_error and error:
+            self._log.warning("watch error", error=error)
+        self._watch_error = error
 
     def _set_error(self, error: str | None) -> None:
         if error != self._error:
@@ -470,11 +507,18 @@ class Elector:
                 valid_until=wall + timedelta(seconds=self._valid_until - mono) if leading else None,
                 valid_until_monotonic=self._valid_until if leading else None,
                 fencing_token=governing.lease_transitions if governing and leader else None,
-                error=self._error,
+                error=self._error or self._watch_error,
                 ready=self._have_observation,
                 app_health=self._app_health,
             )
         )
+
+
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    """`asyncio.wait_for` without its Python 3.11 flaw: a cancellation arriving just as the
+    awaited call finishes is lost there, and a SIGTERM must never be lost."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 def _older(version: str, than: str) -> bool:
