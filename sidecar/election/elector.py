@@ -295,7 +295,7 @@ class Elector:
                     holder_identity=self.identity,
                     lease_duration_seconds=duration,
                     acquire_time=old.acquire_time if ours else now,
-                    renew_time=now,
+                    renew_time=_after(old.renew_time, now),
                     lease_transitions=old.lease_transitions if ours else old.lease_transitions + 1,
                 )
                 result = await _within(
@@ -352,7 +352,7 @@ class Elector:
             sent = self._clock.monotonic()
             record = replace(
                 observed.record,
-                renew_time=self._clock.now(),
+                renew_time=_after(observed.record.renew_time, self._clock.now()),
                 lease_duration_seconds=round(self.timings.lease_duration),
             )
             try:
@@ -519,6 +519,18 @@ async def _within(awaitable: Awaitable[T], seconds: float) -> T:
     awaited call finishes is lost there, and a SIGTERM must never be lost."""
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+def _after(previous: datetime | None, now: datetime) -> datetime:
+    """A renewTime later than the last one, even if our wall clock stands still or went back.
+
+    An update that changes nothing is a no-op on the API server: no new resourceVersion, no
+    watch event, so followers would see no renewal and take over from a leader that thinks
+    it renewed.
+    """
+    if previous is not None and now <= previous:
+        return previous + timedelta(microseconds=1)
+    return now
 
 
 def _older(version: str, than: str) -> bool:
