@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class Sidecar:
         self.args = args
         self.logs: list[dict[str, Any]] = []
         self.events: list[tuple[float, Snapshot]] = []  # (monotonic arrival, /leader JSON)
+        self.told: list[float] = []  # per event: when the sidecar published it (epoch seconds)
         self._changed = threading.Condition()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LEADER_SIDECAR_")}
         full_env.pop("KUBECONFIG", None)
@@ -141,12 +143,14 @@ class Sidecar:
                     snapshot = json.loads(line[6:])
                     with self._changed:
                         self.events.append((time.monotonic(), snapshot))
+                        self.told.append(_published(snapshot))
                         self._changed.notify_all()
         except (OSError, http.client.HTTPException):
             pass
         with self._changed:
             # The app's stream is gone (the process died): it hears nothing more from here.
             self.events.append((time.monotonic(), {"is_leader": False, "stream_ended": True}))
+            self.told.append(time.time())
             self._changed.notify_all()
 
     @property
@@ -177,19 +181,31 @@ class Sidecar:
         return arrived
 
     def leader_intervals(self) -> list[tuple[float, float]]:
-        """When this replica told its app it led: [start, end) on the test's monotonic clock."""
+        """When this replica told its app it led: [start, end), in epoch seconds.
+
+        The times are the sidecar's own (`observed_at`: when it published the state, before
+        writing it to every stream), all on this machine's one wall clock; arrival times in
+        this process's reader threads would measure thread scheduling under load instead.
+        """
         intervals, start = [], None
         with self._changed:
-            events = list(self.events)
-        for arrived, snapshot in events:
+            events = [
+                (told, snapshot) for told, (_, snapshot) in zip(self.told, self.events, strict=True)
+            ]
+        for told, snapshot in events:
             if snapshot.get("is_leader") and start is None:
-                start = arrived
+                start = told
             elif not snapshot.get("is_leader") and start is not None:
-                intervals.append((start, arrived))
+                intervals.append((start, told))
                 start = None
         if start is not None:
             intervals.append((start, float("inf")))
         return intervals
+
+
+def _published(snapshot: Snapshot) -> float:
+    stamp = str(snapshot["observed_at"])
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def start_all(sidecars: Iterable[Sidecar]) -> list[Sidecar]:
