@@ -331,8 +331,11 @@ class Elector:
             await self._step_down_and_release("the app is unhealthy")
             return
         if self._observed is None:
-            self._lose("the Lease was deleted")
-            return
+            # The watch's first read can race our own create: re-read before believing it.
+            still_ours = await self._refresh() and self._observed is not None
+            if not (still_ours and self._holder() == self.identity):
+                self._lose("the Lease was deleted")
+                return
         if self._holder() != self.identity:
             self._lose("the Lease was taken by someone else")
             return
