@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.e2e.sidecars import TIMINGS, Sidecar, assert_never_two_leaders_per_election
 from tests.kube.cluster import Cluster, build
 
 _build_errors: list[Exception] = []
@@ -52,3 +53,20 @@ def namespace(kube_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator
         {"metadata": {"name": name}, "spec": {"finalizers": []}},
     )
     assert status in (200, 404), body
+
+
+@pytest.fixture
+def sidecars() -> Iterator[Callable[..., Sidecar]]:
+    """Start `leader-sidecar run` processes with the fast timings; stop them afterwards and
+    check that no election ever had two leaders."""
+    made: list[Sidecar] = []
+
+    def make(name: str, args: list[str], env: dict[str, str] | None = None) -> Sidecar:
+        sidecar = Sidecar(name, [*TIMINGS, *args], env)
+        made.append(sidecar)
+        return sidecar
+
+    yield make
+    for sidecar in made:
+        sidecar.stop()
+    assert_never_two_leaders_per_election(made)

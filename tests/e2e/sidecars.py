@@ -21,6 +21,16 @@ from pathlib import Path
 from typing import Any
 
 Snapshot = dict[str, Any]
+# Short timings keep the suite fast; the ratios are client-go's.
+LEASE, RENEW, RETRY = 3, 2, 0.4
+TIMINGS = [
+    "--lease-duration",
+    f"{LEASE}s",
+    "--renew-deadline",
+    f"{RENEW}s",
+    "--retry-period",
+    f"{RETRY}s",
+]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -226,6 +236,17 @@ def wait_one_leader(group: list[Sidecar], timeout: float = 30) -> Sidecar:
         # Wake on the next streamed change of any replica.
         with live[0]._changed:
             live[0]._changed.wait(0.05)
+
+
+def assert_never_two_leaders_per_election(made: list[Sidecar]) -> None:
+    """The checker over each election's replicas (those that named one with --election)."""
+    by_election: dict[str, list[Sidecar]] = {}
+    for sidecar in made:
+        if "--election" in sidecar.args:
+            election = sidecar.args[sidecar.args.index("--election") + 1]
+            by_election.setdefault(election, []).append(sidecar)
+    for group in by_election.values():
+        assert_never_two_leaders(group)
 
 
 def assert_never_two_leaders(group: list[Sidecar]) -> None:

@@ -13,34 +13,15 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.sidecars import Sidecar, assert_never_two_leaders, start_all, wait_one_leader
+from tests.e2e.sidecars import (
+    RETRY,
+    Sidecar,
+    start_all,
+    wait_one_leader,
+)
 from tests.kube.cluster import Cluster
 
-LEASE, RENEW, RETRY = 3, 2, 0.4
-TIMINGS = [
-    "--lease-duration",
-    f"{LEASE}s",
-    "--renew-deadline",
-    f"{RENEW}s",
-    "--retry-period",
-    f"{RETRY}s",
-]
 ROLE = "leader-sidecar.io/role"
-
-
-@pytest.fixture
-def sidecars() -> Iterator[Callable[..., Sidecar]]:
-    made: list[Sidecar] = []
-
-    def make(name: str, args: list[str], env: dict[str, str] | None = None) -> Sidecar:
-        sidecar = Sidecar(name, [*TIMINGS, *args], env)
-        made.append(sidecar)
-        return sidecar
-
-    yield make
-    for sidecar in made:
-        sidecar.stop()
-    assert_never_two_leaders(made)
 
 
 class Server:

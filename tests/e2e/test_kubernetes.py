@@ -5,24 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.e2e.sidecars import Sidecar, assert_never_two_leaders, start_all, wait_one_leader
+from tests.e2e.sidecars import (
+    LEASE,
+    RENEW,
+    Sidecar,
+    start_all,
+    wait_one_leader,
+)
 from tests.kube.cluster import Cluster
 
-LEASE, RENEW, RETRY = 3, 2, 0.4
-TIMINGS = [
-    "--lease-duration",
-    f"{LEASE}s",
-    "--renew-deadline",
-    f"{RENEW}s",
-    "--retry-period",
-    f"{RETRY}s",
-]
 LEASE_RULE = {
     "apiGroups": ["coordination.k8s.io"],
     "resources": ["leases"],
@@ -33,21 +28,6 @@ LEASE_RULE = {
 def lease_path(namespace: str, name: str = "") -> str:
     base = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
     return f"{base}/{name}" if name else base
-
-
-@pytest.fixture
-def sidecars() -> Iterator[Callable[..., Sidecar]]:
-    made: list[Sidecar] = []
-
-    def make(name: str, args: list[str], env: dict[str, str] | None = None) -> Sidecar:
-        sidecar = Sidecar(name, [*TIMINGS, *args], env)
-        made.append(sidecar)
-        return sidecar
-
-    yield make
-    for sidecar in made:
-        sidecar.stop()
-    assert_never_two_leaders([s for s in made if "--election" in s.args])
 
 
 def admin_args(cluster: Cluster, namespace: str, election: str = "shop") -> list[str]:

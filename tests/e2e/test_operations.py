@@ -11,44 +11,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.sidecars import REPO, Sidecar, assert_never_two_leaders, start_all, wait_one_leader
+from tests.e2e.sidecars import (
+    LEASE,
+    RENEW,
+    REPO,
+    RETRY,
+    Sidecar,
+    start_all,
+    wait_one_leader,
+)
 from tests.kube.cluster import Cluster
-
-LEASE, RENEW, RETRY = 3, 2, 0.4
-TIMINGS = [
-    "--lease-duration",
-    f"{LEASE}s",
-    "--renew-deadline",
-    f"{RENEW}s",
-    "--retry-period",
-    f"{RETRY}s",
-]
-
-
-@pytest.fixture
-def sidecars() -> Iterator[Callable[..., Sidecar]]:
-    made: list[Sidecar] = []
-
-    def make(name: str, args: list[str], env: dict[str, str] | None = None) -> Sidecar:
-        sidecar = Sidecar(name, [*TIMINGS, *args], env)
-        made.append(sidecar)
-        return sidecar
-
-    yield make
-    for sidecar in made:
-        sidecar.stop()
-    by_election: dict[str, list[Sidecar]] = {}
-    for sidecar in made:
-        election = sidecar.args[sidecar.args.index("--election") + 1]
-        by_election.setdefault(election, []).append(sidecar)
-    for group in by_election.values():
-        assert_never_two_leaders(group)
 
 
 def kube_args(cluster: Cluster, namespace: str, election: str) -> list[str]:
