@@ -12,17 +12,21 @@ can never hide a name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
 import types
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 
@@ -84,15 +88,28 @@ def k8s() -> types.SimpleNamespace:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    """The API server answered with an error status (the message is its Status message).
+
+    `retry_after` is the answer's Retry-After in seconds, if it carried one (429, 503...).
+    """
+
+    def __init__(
+        self, status: int, reason: str, message: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {reason}: {message}" if message else f"{status} {reason}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.retry_after = retry_after
 
 
 class Unreachable(Exception):
-    """No HTTP answer: connection refused or reset, TLS failure, timeout."""
+    """No usable HTTP answer: connection refused or reset, TLS failure, timeout."""
+
+
+class BadAnswer(Unreachable):
+    """An answer that is not the JSON asked for (an HTML page from a proxy, a truncated body,
+    a garbage watch line). Callers treat it as no answer: a write may or may not have landed."""
 
 
 # Told of every request: (verb, code, seconds). verb is the HTTP method, or WATCH for a watch;
@@ -140,6 +157,20 @@ class Connection:
     source: str  # for messages: "in-cluster" or the kubeconfig path
 
 
+@dataclass(eq=False)
+class _Transport:
+    """One loaded configuration and the HTTP session built from it.
+
+    A re-authentication installs a new one; the old one is closed only once the requests that
+    use it (a long watch, say) have ended, so that none of them is cut off.
+    """
+
+    configuration: Any
+    rest: Any
+    users: int = 0
+    retired: bool = False
+
+
 class KubeApi:
     """JSON over the API server, with timeouts on every call and re-authentication on 401."""
 
@@ -153,8 +184,8 @@ class KubeApi:
         self._sa_dir = service_account_dir
         self._context = context
         self._token_file: _TokenFile | None = None
-        self._configuration: Any = None
-        self._rest: Any = None
+        self._transport: _Transport | None = None
+        self._retired: set[_Transport] = set()  # replaced, still serving requests in flight
         self.connection: Connection | None = None
         self.observer: RequestObserver | None = None  # metrics; must not raise or block
 
@@ -182,28 +213,54 @@ class KubeApi:
             ns_file = self._sa_dir / "namespace"
             namespace = ns_file.read_text().strip() if ns_file.is_file() else None
             source = "in-cluster service account"
-        if self._rest is not None:
-            await self._rest.close()
-        self._configuration = configuration
-        self._rest = lib.RESTClientObject(configuration)
+        old, self._transport = (
+            self._transport,
+            _Transport(configuration, lib.RESTClientObject(configuration)),
+        )
+        if old is not None:
+            old.retired = True
+            self._retired.add(old)
+            await self._close_if_unused(old)
         self.connection = Connection(configuration.host, namespace, source)
         return self.connection
 
     async def close(self) -> None:
-        if self._rest is not None:
-            await self._rest.close()
-            self._rest = None
+        transports = [*self._retired, *([self._transport] if self._transport else [])]
+        self._transport = None
+        self._retired.clear()
+        for transport in transports:
+            await transport.rest.close()
 
-    async def _headers(self, force_token: bool = False) -> dict[str, str]:
+    @contextlib.asynccontextmanager
+    async def _use(self) -> AsyncIterator[_Transport]:
+        transport = self._transport
+        if transport is None:
+            raise Unreachable("the Kubernetes client is closed")
+        transport.users += 1
+        try:
+            yield transport
+        finally:
+            transport.users -= 1
+            await self._close_if_unused(transport)
+
+    async def _close_if_unused(self, transport: _Transport) -> None:
+        if transport.retired and transport.users == 0 and transport in self._retired:
+            self._retired.discard(transport)
+            await transport.rest.close()
+
+    async def _headers(self, transport: _Transport, force_token: bool) -> dict[str, str]:
         headers = {"Accept": "application/json", "Content-Type": "application/json"}
         headers["User-Agent"] = "leader-sidecar"
         if self._token_file is not None:
             headers["Authorization"] = "Bearer " + self._token_file.current(force_token)
-        else:
-            auth = await self._configuration.auth_settings()
-            bearer = auth.get("BearerToken")
-            if bearer:
-                headers["Authorization"] = bearer["value"]
+            return headers
+        try:
+            auth = await transport.configuration.auth_settings()
+        except Exception as exc:  # an exec plugin or token refresh failed: no request then
+            raise Unreachable(f"cannot get credentials from {self._kubeconfig}: {exc}") from exc
+        bearer = auth.get("BearerToken")
+        if bearer:
+            headers["Authorization"] = bearer["value"]
         return headers
 
     async def request(
@@ -215,55 +272,82 @@ class KubeApi:
         timeout: float,
         query: dict[str, str] | None = None,
     ) -> Any:
-        """One call; returns the decoded JSON or raises ApiError / Unreachable."""
+        """One call; returns the decoded JSON (None for an empty body) or raises ApiError /
+        Unreachable (BadAnswer when the answer is not JSON)."""
         for attempt in range(2):
             started = time.monotonic()
-            try:
-                async with asyncio.timeout(timeout):
-                    response = await self._send(method, path, body, query, attempt > 0, None)
-                    async with response:
-                        data = await response.read()
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                self._tell(method, _failure_code(exc), started)
-                raise Unreachable(_describe_transport(exc, self._host())) from exc
+            async with self._use() as transport:
+                try:
+                    async with asyncio.timeout(timeout):
+                        response = await self._send(
+                            transport, method, path, body, query, attempt > 0, None
+                        )
+                        async with response:
+                            data = await response.read()
+                except _TRANSPORT_ERRORS as exc:
+                    self._tell(method, _failure_code(exc), started)
+                    raise Unreachable(_describe_transport(exc, self._host())) from exc
             self._tell(method, str(response.status), started)
             if response.status == 401 and attempt == 0:
                 await self._reauthenticate()
                 continue
             if response.status >= 400:
-                raise _api_error(response.status, response.reason or "", data)
-            return json.loads(data) if data else None
+                raise _api_error(response, data)
+            return _decode(response, data, self._host())
         raise AssertionError("not reached")
 
     async def stream(
         self, path: str, query: dict[str, str], *, timeout: float, idle_timeout: float
     ) -> AsyncGenerator[Any, None]:
         """A watch: `{"type": "OPENED"}` once the server accepted it, then one decoded JSON
-        object per line until the server ends it.
+        value per line until the server ends it.
 
-        `idle_timeout` bounds the silence between lines, so a black-holed connection is noticed.
+        `idle_timeout` bounds the silence between lines: after that long without a line the
+        stream simply ends (the caller reads again, which fails if the connection is dead).
+        A line that is not JSON raises BadAnswer.
         """
-        started = time.monotonic()
+        async with self._use() as transport:
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await self._send(
+                        transport, "GET", path, None, query, False, idle_timeout
+                    )
+            except _TRANSPORT_ERRORS as exc:
+                self._tell("WATCH", _failure_code(exc), started)
+                raise Unreachable(_describe_transport(exc, self._host())) from exc
+            self._tell("WATCH", str(response.status), started)
+            async with response:
+                if response.status >= 400 or not _is_json(response.content_type):
+                    await self._refuse(response, timeout)
+                yield {"type": "OPENED"}
+                try:
+                    async for line in response.content:
+                        if line.strip():
+                            yield _decode_line(line, self._host())
+                except TimeoutError:
+                    return  # no line for idle_timeout: a normal end, the caller watches again
+                except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+                    self._tell("WATCH", "error", None)
+                    raise Unreachable(_describe_transport(exc, self._host())) from exc
+                except ValueError as exc:  # aiohttp: a line longer than its buffer
+                    raise BadAnswer(f"the API server at {self._host()} sent {exc}") from exc
+
+    async def _refuse(self, response: aiohttp.ClientResponse, timeout: float) -> NoReturn:
+        """A watch answered with an error status or something that is not JSON."""
         try:
             async with asyncio.timeout(timeout):
-                response = await self._send("GET", path, None, query, False, idle_timeout)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._tell("WATCH", _failure_code(exc), started)
+                if response.status >= 400:
+                    data = await response.read()
+                else:
+                    data = await response.content.read(PREVIEW_BYTES + 1)
+        except _TRANSPORT_ERRORS as exc:
             raise Unreachable(_describe_transport(exc, self._host())) from exc
-        self._tell("WATCH", str(response.status), started)
-        async with response:
-            if response.status >= 400:
-                if response.status == 401:
-                    await self._reauthenticate()
-                raise _api_error(response.status, response.reason or "", await response.read())
-            yield {"type": "OPENED"}
-            try:
-                async for line in response.content:
-                    if line.strip():
-                        yield json.loads(line)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                self._tell("WATCH", _failure_code(exc), None)
-                raise Unreachable(_describe_transport(exc, self._host())) from exc
+        if response.status == 401:
+            await self._reauthenticate()
+        if response.status >= 400:
+            raise _api_error(response, data)
+        raise BadAnswer(_describe_answer(self._host(), response, data))
 
     def _tell(self, verb: str, code: str, started: float | None) -> None:
         if self.observer is not None:
@@ -272,6 +356,7 @@ class KubeApi:
 
     async def _send(
         self,
+        transport: _Transport,
         method: str,
         path: str,
         body: Any,
@@ -279,43 +364,118 @@ class KubeApi:
         force_token: bool,
         idle_timeout: float | None,
     ) -> aiohttp.ClientResponse:
-        assert self._rest is not None, "connect() first"
-        headers = await self._headers(force_token)
+        headers = await self._headers(transport, force_token)
         if method == "PATCH":
             headers["Content-Type"] = "application/merge-patch+json"
-        response: aiohttp.ClientResponse = await self._rest.pool_manager.request(
+        configuration = transport.configuration
+        response: aiohttp.ClientResponse = await transport.rest.pool_manager.request(
             method,
-            self._configuration.host + path,
+            configuration.host + path,
             params=query,
             data=json.dumps(body) if body is not None else None,
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_read=idle_timeout),
-            proxy=self._configuration.proxy,
-            server_hostname=self._configuration.tls_server_name,
+            proxy=configuration.proxy,
+            server_hostname=configuration.tls_server_name,
         )
         return response
 
     async def _reauthenticate(self) -> None:
-        """After a 401: re-read the token file, or reload the kubeconfig (exec plugins...)."""
-        if self._token_file is not None:
-            return  # the next request re-reads the file (force_token)
-        if self._kubeconfig:
+        """After a 401: re-read the token file, or reload the kubeconfig (exec plugins...).
+
+        The reload installs a new transport; requests in flight finish on the old one.
+        """
+        if self._token_file is not None or not self._kubeconfig:
+            return  # the next request re-reads the token file (force_token)
+        try:
             await self.connect()
+        except Exception as exc:  # a broken kubeconfig: the 401 stands, with the reason
+            raise ApiError(
+                401, "Unauthorized", f"credentials refused; reloading {self._kubeconfig}: {exc}"
+            ) from exc
 
     def _host(self) -> str:
-        return str(self._configuration.host) if self._configuration is not None else "?"
+        return str(self._transport.configuration.host) if self._transport else "?"
 
 
-def _api_error(status: int, reason: str, data: bytes) -> ApiError:
-    message = ""
+# What a request can end with when there is no usable answer. RuntimeError: aiohttp's "Session
+# is closed" when close() raced a request.
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, RuntimeError)
+PREVIEW_BYTES = 120
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def _preview(data: bytes) -> str:
+    text = data[:PREVIEW_BYTES].decode("utf-8", errors="replace")
+    return repr(text + ("..." if len(data) > PREVIEW_BYTES else ""))
+
+
+def _describe_answer(host: str, response: aiohttp.ClientResponse, data: bytes) -> str:
+    content_type = response.headers.get("Content-Type") or "no content type"
+    return (
+        f"the API server at {host} answered {response.status} with {content_type} instead of "
+        f"JSON: {_preview(data)}"
+    )
+
+
+def _decode(response: aiohttp.ClientResponse, data: bytes, host: str) -> Any:
+    if not data:
+        return None
+    if not _is_json(response.content_type):
+        raise BadAnswer(_describe_answer(host, response, data))
     try:
-        status_obj = json.loads(data)
-        if isinstance(status_obj, dict):
-            message = str(status_obj.get("message", ""))
-            reason = str(status_obj.get("reason", reason)) or reason
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise BadAnswer(
+            f"the API server at {host} answered {response.status} with JSON that does not "
+            f"parse (truncated?): {exc}: {_preview(data)}"
+        ) from exc
+
+
+def _decode_line(line: bytes, host: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise BadAnswer(
+            f"the API server at {host} sent a watch line that is not JSON: {_preview(line)}"
+        ) from exc
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds: delta-seconds or an HTTP-date; None if absent/invalid."""
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value)
     except ValueError:
-        message = data.decode(errors="replace")[:200]
-    return ApiError(status, reason, message)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _api_error(response: aiohttp.ClientResponse, data: bytes) -> ApiError:
+    reason, message = response.reason or "", ""
+    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+    status_obj: Any = None
+    if _is_json(response.content_type):
+        try:
+            status_obj = json.loads(data)
+        except ValueError:
+            status_obj = None
+    if isinstance(status_obj, dict):
+        message = str(status_obj.get("message", ""))
+        reason = str(status_obj.get("reason") or reason)
+    elif data:
+        message = f"{response.headers.get('Content-Type') or 'no content type'}: {_preview(data)}"
+    return ApiError(response.status, reason, message, retry_after)
 
 
 def _failure_code(exc: BaseException) -> str:
