@@ -105,7 +105,8 @@ OPTIONS = (
     ),
     Option(
         "--local-dir",
-        "directory of the local backend's lease files (default $TMPDIR/leader-sidecar)",
+        "directory of the local backend's lease files, private to this user "
+        "(default /tmp/leader-sidecar-<uid>, whatever TMPDIR says)",
         "DIR",
         group="backend",
     ),
@@ -367,7 +368,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         retry_period=retry,
         http_host=http_host,
         http_port=http_port,
-        # Resolved only for the local backend: finding a temp dir fails on a read-only root.
+        # Resolved only for the local backend.
         local_dir=Path(text("--local-dir") or default_local_dir()) if backend == "local" else None,
         log_format=text("--log-format") or "auto",
         log_level=text("--log-level") or "info",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -96,7 +96,13 @@ def parse_http_url(text: str) -> str:
 
 
 def default_local_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "leader-sidecar"
+    """`/tmp/leader-sidecar-<uid>`: the same for every process of a user.
+
+    Not `$TMPDIR` nor `$XDG_RUNTIME_DIR`: they differ between a user's shells, services and
+    containers, and two replicas that resolve different directories silently run two elections.
+    The local backend makes it 0700 and refuses it if another user owns it or can open it.
+    """
+    return Path("/tmp") / f"leader-sidecar-{os.geteuid()}"
 
 
 @dataclass(frozen=True)
