@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from sidecar.backends.kubeclient import ApiError, KubeApi, Unreachable
@@ -81,7 +81,7 @@ class KubernetesLeaseLock:
         lease = await self._call("PUT", f"{self._collection}/{self._name}", "update", body)
         return self._versioned(_require(lease, "update"))
 
-    async def watch(self) -> AsyncIterator[VersionedRecord | None]:
+    async def watch(self) -> AsyncGenerator[VersionedRecord | None, None]:
         """Read the Lease, then follow it from that resourceVersion; ends when the server does
         (its timeout, 410 Gone, or WATCH_IDLE_SECONDS without a line).
 

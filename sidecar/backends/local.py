@@ -28,7 +28,7 @@ import secrets
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ class LocalLeaseLock:
             spec = {k: v for k, v in data["spec"].items() if k not in RECORD_FIELDS}
             return self._write({**data, "spec": {**spec, **record.to_spec()}}, record)
 
-    async def watch(self) -> AsyncIterator[VersionedRecord | None]:
+    async def watch(self) -> AsyncGenerator[VersionedRecord | None, None]:
         current = await self.get()
         yield current
         while True:
