@@ -259,3 +259,112 @@ def test_the_workload_is_discovered_from_the_pods_owners(
     message = " ".join(json.dumps(e) for e in denied.logs)
     assert "RBAC denies 'get' on pods" in message, message
     assert "--election" in message
+
+
+def _edit_lease(cluster: Cluster, path: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Read-modify-write as another client would, retrying when a renewal came first."""
+    for _ in range(50):
+        status, lease = cluster.api("GET", path)
+        assert status == 200, lease
+        edit(lease)
+        status, answer = cluster.api("PUT", path, lease)
+        if status == 200:
+            return
+        assert status == 409, answer
+    raise AssertionError("could not write the Lease between the renewals")
+
+
+def _renewals(cluster: Cluster, path: str, count: int, timeout: float = 10) -> dict[str, Any]:
+    """Wait until the Lease was renewed `count` more times; the last version read."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        status, lease = cluster.api("GET", path)
+        assert status == 200, lease
+        seen.add(lease["spec"]["renewTime"])
+        if len(seen) > count:
+            return dict(lease)
+        assert time.monotonic() < deadline, f"only {len(seen) - 1} renewals: {lease}"
+        time.sleep(0.1)
+
+
+def test_what_others_put_on_the_lease_survives_renewals(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
+) -> None:
+    """Annotations, foreign labels, ownerReferences, finalizers and spec fields the sidecar does
+    not own are carried over by every renewal (and our own labels stay)."""
+    leader = sidecars("r0", admin_args(kube_cluster, namespace)).wait_started()
+    leader.wait_for(lambda s: bool(s.get("is_leader")))
+    path = lease_path(namespace, leader.leader()["lease"]["name"])
+    _, owner = kube_cluster.api(
+        "POST", f"/api/v1/namespaces/{namespace}/configmaps", {"metadata": {"name": "owner"}}
+    )
+    reference = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "name": "owner",
+        "uid": owner["metadata"]["uid"],
+    }
+
+    def foreign(lease: dict[str, Any]) -> None:
+        metadata = lease["metadata"]
+        metadata.setdefault("annotations", {})["team.example.com/owner"] = "payments"
+        metadata["labels"]["cost-center"] = "42"
+        metadata["ownerReferences"] = [reference]
+        metadata["finalizers"] = ["example.com/keep"]
+        lease["spec"]["strategy"] = "OldestEmulationVersion"
+        lease["spec"]["preferredHolder"] = "r9"
+
+    _edit_lease(kube_cluster, path, foreign)
+    _, written = kube_cluster.api("GET", path)
+    spec_kept = {
+        k: written["spec"][k] for k in ("strategy", "preferredHolder") if k in written["spec"]
+    }
+    try:
+        after = _renewals(kube_cluster, path, 3)
+        metadata = after["metadata"]
+        assert metadata["annotations"]["team.example.com/owner"] == "payments"
+        assert metadata["labels"]["cost-center"] == "42"
+        assert metadata["labels"]["leader-sidecar.io/election"] == "shop"
+        assert metadata["labels"]["app.kubernetes.io/managed-by"] == "leader-sidecar"
+        assert metadata["ownerReferences"] == [reference]
+        assert metadata["finalizers"] == ["example.com/keep"]
+        assert metadata["uid"] == written["metadata"]["uid"]
+        # The API server drops `strategy`/`preferredHolder` unless its CoordinatedLeaderElection
+        # feature is on; whatever it kept must survive.
+        for key, value in spec_kept.items():
+            assert after["spec"][key] == value, (key, after["spec"])
+        assert after["spec"]["holderIdentity"] == "r0"
+        states = [s.get("is_leader") for _, s in leader.events]
+        assert all(states[states.index(True) :]), (states, leader.log_text())  # never interrupted
+        assert "backend error" not in leader.log_events()
+    finally:
+        leader.stop()
+        _edit_lease(kube_cluster, path, lambda lease: lease["metadata"].pop("finalizers", None))
+
+
+def test_a_missing_namespace_is_reported_and_the_election_starts_once_it_exists(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
+) -> None:
+    later = f"{namespace}-later"
+    sidecar = sidecars("r0", admin_args(kube_cluster, later)).wait_started()
+    try:
+        sidecar.wait_for(lambda s: later in str(s.get("error") or ""), timeout=10)
+        snapshot = sidecar.leader()
+        assert snapshot["state"] == "unknown" and snapshot["is_leader"] is False
+        assert f"namespace '{later}' does not exist" in snapshot["error"]
+        time.sleep(1)  # a few retries later it still runs, and still says why
+        assert sidecar.proc.poll() is None
+        assert later in str(sidecar.leader().get("error"))
+        status, body = kube_cluster.api("POST", "/api/v1/namespaces", {"metadata": {"name": later}})
+        assert status == 201, body
+        sidecar.wait_for(lambda s: bool(s.get("is_leader")), timeout=15)
+        assert not sidecar.leader().get("error")
+    finally:
+        sidecar.stop()
+        kube_cluster.api("DELETE", f"/api/v1/namespaces/{later}")
+        kube_cluster.api(
+            "PUT",
+            f"/api/v1/namespaces/{later}/finalize",
+            {"metadata": {"name": later}, "spec": {"finalizers": []}},
+        )
