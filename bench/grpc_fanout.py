@@ -107,8 +107,8 @@ class _Control:
     def alive(self) -> bool:
         return True
 
-    async def resign(self) -> bool:
-        return False
+    async def resign(self) -> Any:
+        return None
 
 
 async def _lag_probe(worst: list[float]) -> None:
@@ -121,7 +121,7 @@ async def _lag_probe(worst: list[float]) -> None:
 
 async def run_case(subscribers: int, events: int) -> dict[str, Any]:
     from sidecar.api.grpc import GrpcApi
-    from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+    from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 
     initial = Leadership(
         identity="bench-a",

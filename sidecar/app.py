@@ -1,4 +1,20 @@
-"""Wiring: backend -> elector -> broadcaster -> APIs; signals and graceful shutdown."""
+"""Wiring: backend -> elector -> broadcaster -> APIs; signals, supervision, graceful shutdown.
+
+Start-up and shutdown are one `AsyncExitStack`: each resource's tear-down is registered right
+after it is set up, so a failure at any step (an address in use, SIGTERM during discovery)
+closes exactly what was opened, in reverse order, through the same path as a normal stop.
+
+Signal handlers are installed first, before anything that can block (discovery, the Pod label
+PATCH, connecting for Events): SIGTERM as PID 1 is honoured at any moment.
+
+Supervision: the election loop and every helper task (app health, notify, gRPC health, Pod
+label retries, Events) are watched. One that dies is logged with its traceback, and the process
+stops through the normal shutdown path (tell the app, release the Lease) and exits 1.
+
+`--shutdown-timeout` (T) bounds the whole shutdown: telling the app, the step-down hooks (Pod
+label, the final notify POST, at most `FINAL_POST_SECONDS`) and the release write get
+`ELECTION_SHARE` of T; Events, closing the gRPC and HTTP servers share the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +23,8 @@ import contextlib
 import os
 import signal
 import sys
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -14,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
+from sidecar.api.guard import ApiToken, Guard, StreamSlots
 from sidecar.api.http import HttpApi, metrics_app
-from sidecar.config import ConfigError, Settings
-from sidecar.election.elector import ElectionObserver, Elector, Timings
+from sidecar.config import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, ConfigError, Settings
+from sidecar.election.elector import ElectionObserver, Elector, Resignation, Timings
 from sidecar.election.lock import LeaseLock
+from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 from sidecar.log import configure
 from sidecar.metrics import Metrics
 from sidecar.naming import election_label_value, lease_labels, lease_name
-from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
 
 if TYPE_CHECKING:
     from sidecar.api.grpc import GrpcApi
@@ -30,7 +49,8 @@ if TYPE_CHECKING:
     from sidecar.integration.notify import Notifier
     from sidecar.integration.pod_label import PodLabeler
 
-EXIT_OK, EXIT_FATAL, EXIT_CONFIG = 0, 1, 2
+ELECTION_SHARE = 0.8  # of --shutdown-timeout: tell the app, hooks, release
+SERVERS_GRACE = 1.0  # at most, for calls in flight when the servers close
 
 
 def run(settings: Settings) -> int:
@@ -44,6 +64,59 @@ def run(settings: Settings) -> int:
         return EXIT_OK
 
 
+class _Stop:
+    """Why and how the process stops: the first reason wins; a crash sets exit code 1."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.code = EXIT_OK
+        self.reason = ""
+        self._log: Any = structlog.get_logger("app")
+
+    def signal(self, name: str) -> None:
+        if not self.requested.is_set():
+            self.reason = name
+            self.requested.set()
+
+    def crashed(self, what: str, exc: BaseException) -> None:
+        self._log.error(f"{what} crashed", task=what, exc_info=exc)
+        self.code = EXIT_FATAL
+        if not self.requested.is_set():
+            self.reason = f"{what} crashed"
+            self.requested.set()
+
+    def watch(self, task: asyncio.Task[Any], what: str) -> asyncio.Task[Any]:
+        """Stop the process (exit 1) if `task` ends with an exception, or ends at all when it
+        should run until cancelled."""
+
+        def done(finished: asyncio.Task[Any]) -> None:
+            if finished.cancelled():
+                return
+            exc = finished.exception()
+            if exc is not None:
+                self.crashed(what, exc)
+            elif not self.requested.is_set():
+                self.crashed(what, RuntimeError(f"{what} ended unexpectedly"))
+
+        task.add_done_callback(done)
+        return task
+
+
+class _Budget:
+    """The one deadline of the whole shutdown (--shutdown-timeout)."""
+
+    def __init__(self, total: float) -> None:
+        self.total = total
+        self._deadline = time.monotonic() + total
+
+    def start(self) -> None:
+        self._deadline = time.monotonic() + self.total
+
+    def left(self, at_most: float | None = None) -> float:
+        left = max(0.0, self._deadline - time.monotonic())
+        return left if at_most is None else min(left, at_most)
+
+
 class _Control:
     def __init__(self, elector: Elector) -> None:
         self.elector = elector
@@ -52,8 +125,30 @@ class _Control:
     def alive(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    async def resign(self) -> bool:
+    async def resign(self) -> Resignation:
         return await self.elector.resign()
+
+
+class _StepDownHooks:
+    """What must happen in order with telling the app (the elector's LeadershipHooks):
+    the Pod label before "leader" is published, and before the Lease is released both the
+    label and the final "not leader" POST to --notify-url (at most FINAL_POST_SECONDS)."""
+
+    def __init__(self, labeler: PodLabeler | None, notifier: Notifier | None) -> None:
+        self._labeler = labeler
+        self._notifier = notifier
+
+    async def becoming_leader(self) -> None:
+        if self._labeler is not None:
+            await self._labeler.becoming_leader()
+
+    async def stepping_down(self) -> None:
+        steps: list[Awaitable[Any]] = []
+        if self._labeler is not None:
+            steps.append(self._labeler.stepping_down())
+        if self._notifier is not None:
+            steps.append(self._notifier.flush())
+        await asyncio.gather(*steps)
 
 
 @dataclass
@@ -66,7 +161,7 @@ class _Backend:
     pod_namespace: str | None = None
 
 
-async def _open_backend(settings: Settings) -> _Backend:
+async def _open_backend(settings: Settings, stack: contextlib.AsyncExitStack) -> _Backend:
     """The lock and where it lives; ConfigError for what a person must fix."""
     if settings.backend == "local":
         from sidecar.backends.local import LocalLeaseLock
@@ -74,6 +169,7 @@ async def _open_backend(settings: Settings) -> _Backend:
         name = settings.lease_name or lease_name(settings.lease_prefix, settings.election or "")
         assert settings.local_dir is not None  # resolved by the CLI for the local backend
         local = LocalLeaseLock(settings.local_dir, name)
+        stack.push_async_callback(local.close)
         return _Backend(local, settings.namespace or "local", name, settings.election or name)
 
     from sidecar.backends.discovery import discover_workload
@@ -81,6 +177,7 @@ async def _open_backend(settings: Settings) -> _Backend:
     from sidecar.backends.kubernetes import KubernetesLeaseLock
 
     api = KubeApi(settings.kubeconfig, service_account_dir=settings.service_account_dir)
+    stack.push_async_callback(api.close)  # also the lock's: closing twice is harmless
     try:
         connection = await api.connect()
     except (k8s().ConfigException, OSError, ValueError, KeyError) as exc:
@@ -97,23 +194,6 @@ async def _open_backend(settings: Settings) -> _Backend:
     )
     pod_namespace = os.environ.get("POD_NAMESPACE") or connection.namespace or namespace
     return _Backend(lock, namespace, name, election or name, api, pod_namespace)
-
-
-async def _pod_labeler(settings: Settings, backend: _Backend) -> PodLabeler | None:
-    if not settings.label_pod:
-        return None
-    from sidecar.integration.pod_label import PodLabeler
-
-    assert backend.api is not None and backend.pod_namespace is not None  # checked by the CLI
-    labeler = PodLabeler(
-        backend.api,
-        backend.pod_namespace,
-        os.environ["POD_NAME"],
-        election_label_value(backend.election),
-        timeout=settings.renew_deadline / 2,
-    )
-    await labeler.start()
-    return labeler
 
 
 class _Observers(ElectionObserver):
@@ -170,9 +250,10 @@ async def _leader_events(
         await api.connect()
     except Exception as exc:
         log.warning("--events is on but ignored: cannot load credentials", error=str(exc))
+        await api.close()
         return None
     api.observer = metrics.api_request
-    events = LeaderEvents(
+    return LeaderEvents(
         api,
         pod=pod,
         pod_namespace=backend.pod_namespace or backend.namespace,
@@ -183,19 +264,81 @@ async def _leader_events(
         metrics=metrics,
         timeout=min(5.0, settings.renew_deadline),
     )
-    events.start()
-    return events
+
+
+def _guard(settings: Settings) -> Guard:
+    token = None
+    if settings.api_token_file is not None:
+        try:
+            token = ApiToken(settings.api_token_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--api-token-file: cannot use it: {exc}") from None
+    hosts = list(settings.api_allowed_hosts)
+    if settings.http_host not in ("", "0.0.0.0", "::"):
+        hosts.append(settings.http_host)  # the address it listens on is its own name
+    return Guard(hosts, token, token_for_reads=settings.api_token_reads)
+
+
+async def _listen(
+    stack: contextlib.AsyncExitStack, app: web.Application, host: str, port: int, flag: str
+) -> web.AppRunner:
+    # Open event streams are ended by HttpApi.close(); nothing else should hold shutdown up.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SERVERS_GRACE)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {host}:{port}: cannot listen: {exc.strerror or exc}") from None
+    return runner
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _main(settings: Settings) -> int:
     log: Any = structlog.get_logger("app")
+    stop = _Stop()
+    loop = asyncio.get_running_loop()
+    # First of all: SIGTERM must work at any moment of the start-up too.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.signal, signal.Signals(signum).name)
     if settings.election:
         structlog.contextvars.bind_contextvars(election=settings.election)
-    backend = await _open_backend(settings)
+    budget = _Budget(settings.shutdown_timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        starting = asyncio.create_task(_start(settings, stack, stop, budget), name="start")
+        waiting = asyncio.create_task(stop.requested.wait())
+        await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if not starting.done():
+            budget.start()
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            log.info("stopped during start-up", reason=stop.reason)
+            return stop.code
+        starting.result()  # a ConfigError propagates (exit 2) after the stack closed
+        await stop.requested.wait()
+        budget.start()
+        log.info("stopping", reason=stop.reason)
+    log.info("stopped", code=stop.code)
+    return stop.code
+
+
+async def _start(
+    settings: Settings, stack: contextlib.AsyncExitStack, stop: _Stop, budget: _Budget
+) -> None:
+    """Open everything, registering each tear-down on `stack`, then run the election."""
+    log: Any = structlog.get_logger("app")
+    guard = _guard(settings)
+    backend = await _open_backend(settings, stack)
     lock, namespace, name = backend.lock, backend.namespace, backend.lease_name
     # Every log line from here on (tasks inherit the context) names the election and Lease.
     structlog.contextvars.bind_contextvars(election=backend.election, lease=lock.description)
-    labeler = await _pod_labeler(settings, backend)
     broadcaster = Broadcaster(
         Leadership(
             identity=settings.identity,
@@ -203,12 +346,44 @@ async def _main(settings: Settings) -> int:
             leader="",
             lease=LeaseInfo(name=name, namespace=namespace),
             observed_at=datetime.now(UTC),
-        )
+        ),
+        retry_period=settings.retry_period,
     )
+    stack.callback(broadcaster.close)
     metrics = Metrics(broadcaster, election=backend.election, backend=settings.backend)
     if backend.api is not None:
         backend.api.observer = metrics.api_request
+
+    labeler: PodLabeler | None = None
+    if settings.label_pod:
+        from sidecar.integration.pod_label import PodLabeler
+
+        assert backend.api is not None and backend.pod_namespace is not None  # checked by CLI
+        labeler = PodLabeler(
+            backend.api,
+            backend.pod_namespace,
+            os.environ["POD_NAME"],
+            election_label_value(backend.election),
+            timeout=settings.renew_deadline / 2,
+            on_crash=stop.crashed,
+        )
+        stack.push_async_callback(labeler.close)
+        await labeler.start()
+
     events = await _leader_events(settings, backend, metrics)
+    if events is not None:
+        stack.push_async_callback(lambda: events.close(timeout=budget.left(1.0)))
+        events.start()
+        assert events.task is not None
+        stop.watch(events.task, "kubernetes-events")
+
+    notifier: Notifier | None = None
+    if settings.notify_url:
+        from sidecar.integration.notify import Notifier
+
+        notifier = Notifier(settings.notify_url, broadcaster)
+
+    hooks = _StepDownHooks(labeler, notifier) if labeler or notifier else None
     elector = Elector(
         lock,
         settings.identity,
@@ -216,61 +391,65 @@ async def _main(settings: Settings) -> int:
         broadcaster,
         lease_name=name,
         namespace=namespace,
-        hooks=labeler,
+        hooks=hooks,
         observer=_Observers(metrics, events) if events is not None else metrics,
     )
     control = _Control(elector)
-    http_api = HttpApi(broadcaster, control, metrics)
+    slots = StreamSlots(settings.max_streams)
+
+    http_api = HttpApi(broadcaster, control, metrics, guard, slots)
     metrics.count_subscribers("sse", lambda: http_api.streams)
-    # Open event streams are ended by http_api.close(); nothing else should hold shutdown up.
-    runner = web.AppRunner(http_api.app(), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.http_host, settings.http_port)
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        await lock.close()
-        raise ConfigError(
-            f"--http-address {settings.http_host}:{settings.http_port}: cannot listen: "
-            f"{exc.strerror or exc}"
-        ) from None
-    grpc_api: GrpcApi | None = None
+    runner = await _listen(
+        stack, http_api.app(), settings.http_host, settings.http_port, "--http-address"
+    )
+    stack.callback(http_api.close)  # before the runner's cleanup: end the event streams
+
     grpc_listening: str | None = None
     if settings.grpc_address != "off":
         # Imported here: `--grpc-address off` spares grpcio's start-up time and memory.
         from sidecar.api.grpc import GrpcAddressError, GrpcApi
 
-        grpc_api = GrpcApi(broadcaster, control)
+        grpc_api: GrpcApi = GrpcApi(broadcaster, control, guard, slots)
         try:
             grpc_listening = await grpc_api.start(settings.grpc_address)
         except GrpcAddressError as exc:
-            await runner.cleanup()
-            await lock.close()
             raise ConfigError(f"--grpc-address: {exc}") from None
-        grpc_streams = grpc_api
-        metrics.count_subscribers("grpc", lambda: grpc_streams.streams)
+        # After the elector's shutdown (below on the stack: runs earlier): open streams have
+        # heard "not leader" by the time they are closed.
+        stack.push_async_callback(lambda: grpc_api.stop(grace=budget.left(SERVERS_GRACE)))
+        assert grpc_api.health_task is not None
+        stop.watch(grpc_api.health_task, "grpc-health")
+        metrics.count_subscribers("grpc", lambda: grpc_api.streams)
+
     metrics_runner: web.AppRunner | None = None
     if settings.metrics_host is not None:
-        metrics_runner = web.AppRunner(metrics_app(metrics), access_log=None)
-        await metrics_runner.setup()
-        try:
-            await web.TCPSite(metrics_runner, settings.metrics_host, settings.metrics_port).start()
-        except OSError as exc:
-            await metrics_runner.cleanup()
-            if grpc_api is not None:
-                await grpc_api.stop()
-            await runner.cleanup()
-            await lock.close()
-            raise ConfigError(
-                f"--metrics-address {settings.metrics_host}:{settings.metrics_port}: cannot "
-                f"listen: {exc.strerror or exc}"
-            ) from None
+        metrics_runner = await _listen(
+            stack,
+            metrics_app(metrics),
+            settings.metrics_host,
+            settings.metrics_port,
+            "--metrics-address",
+        )
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    helpers: list[asyncio.Task[None]] = []
+    stack.push_async_callback(_cancel, helpers)  # after the release: the final POST is done
+    if settings.app_health_url:
+        from sidecar.integration.app_health import AppHealthMonitor
+
+        elector.set_eligible(False, "unknown")  # no campaign before the app first answers 2xx
+        monitor = AppHealthMonitor(
+            settings.app_health_url,
+            settings.app_health_period,
+            settings.app_health_failure_threshold,
+            elector.set_eligible,
+        )
+        task = asyncio.create_task(monitor.run(), name="app-health")
+        helpers.append(stop.watch(task, "app-health"))
+    if notifier is not None:
+        helpers.append(stop.watch(asyncio.create_task(notifier.run(), name="notify"), "notify"))
+
+    control.task = stop.watch(asyncio.create_task(elector.run(), name="elector"), "election loop")
+    stack.push_async_callback(_stop_election, control, elector, budget)
     log.info(
         "started",
         backend=settings.backend,
@@ -283,55 +462,21 @@ async def _main(settings: Settings) -> int:
         renew_deadline=settings.renew_deadline,
         retry_period=settings.retry_period,
     )
-    helpers: list[asyncio.Task[None]] = []
-    notifier: Notifier | None = None
-    if settings.app_health_url:
-        from sidecar.integration.app_health import AppHealthMonitor
 
-        elector.set_eligible(False, "unknown")  # no campaign before the app first answers 2xx
-        monitor = AppHealthMonitor(
-            settings.app_health_url,
-            settings.app_health_period,
-            settings.app_health_failure_threshold,
-            elector.set_eligible,
-        )
-        helpers.append(asyncio.create_task(monitor.run(), name="app-health"))
-    if settings.notify_url:
-        from sidecar.integration.notify import Notifier
 
-        notifier = Notifier(settings.notify_url, broadcaster)
-        helpers.append(asyncio.create_task(notifier.run(), name="notify"))
-    control.task = asyncio.create_task(elector.run(), name="elector")
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({control.task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    code = EXIT_OK
-    if control.task.done() and not control.task.cancelled() and control.task.exception():
-        log.error("election loop crashed", exc_info=control.task.exception())
-        code = EXIT_FATAL
+async def _stop_election(control: _Control, elector: Elector, budget: _Budget) -> None:
+    """Cancel the loop, then tell the app and release, within the election's share of T."""
+    log: Any = structlog.get_logger("app")
+    assert control.task is not None
     control.task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await control.task
-    stopper.cancel()
-    log.info("stopping")
-    await elector.shutdown(timeout=settings.shutdown_timeout)
-    if events is not None:
-        await events.close(timeout=1.0)  # StoppedLeading, if it is still on its way
-    if notifier is not None:
-        await notifier.flush(timeout=1.0)
-    for helper in helpers:
-        helper.cancel()
-    await asyncio.gather(*helpers, return_exceptions=True)
-    if labeler is not None:
-        await labeler.close()
-    if grpc_api is not None:
-        # After the elector's shutdown: open streams have heard "not leader" by now.
-        await grpc_api.stop()
-    http_api.close()
-    await runner.cleanup()
-    if metrics_runner is not None:
-        await metrics_runner.cleanup()
-    log.info("stopped")
-    return code
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await control.task  # a crash was reported by the supervisor already
+    share = budget.left(budget.total * ELECTION_SHARE)
+    try:
+        async with asyncio.timeout(share):
+            await elector.shutdown(timeout=share)
+    except TimeoutError:
+        log.warning("shutdown timed out before the release was confirmed", seconds=share)
 
 
 def _listening(runner: web.AppRunner) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from sidecar import __version__
 from sidecar.config import (
+    EXIT_CONFIG,
     ConfigError,
     Settings,
     check_names,
@@ -27,7 +28,6 @@ from sidecar.config import (
 from sidecar.naming import default_identity
 
 ENV_PREFIX = "LEADER_SIDECAR_"
-EXIT_CONFIG = 2
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,39 @@ OPTIONS = (
     ),
     Option(
         "--shutdown-timeout",
-        "on SIGTERM, how long releasing the Lease may take",
+        "on SIGTERM, the whole shutdown at most: 80%% for telling the app and releasing "
+        "the Lease, the rest for closing the servers",
         "DURATION",
         "5s",
+        group="serving",
+    ),
+    Option(
+        "--api-token-file",
+        "a shared token (e.g. a mounted Secret): resign then needs 'Authorization: Bearer "
+        "<token>' on HTTP, 'authorization' metadata on gRPC; re-read when the file changes",
+        "PATH",
+        group="serving",
+    ),
+    Option(
+        "--api-token-reads",
+        "with --api-token-file: reads (/leader, /, /leader/self, /metrics, GetLeader, Watch) "
+        "need the token too; probes (/healthz, /readyz, gRPC health) never do",
+        group="serving",
+        boolean=True,
+    ),
+    Option(
+        "--api-allowed-hosts",
+        "comma-separated Host names the HTTP API answers besides loopback ones (localhost, "
+        "127.0.0.0/8, ::1) and --http-address's host; '*' turns the Host check off",
+        "HOSTS",
+        group="serving",
+    ),
+    Option(
+        "--max-streams",
+        "open event streams (SSE and gRPC Watch together) at most; more get 503 / "
+        "RESOURCE_EXHAUSTED",
+        "N",
+        "1000",
         group="serving",
     ),
     Option(
@@ -347,7 +377,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if metrics_address == "off"
         else _convert(args, by_flag["--metrics-address"], parse_address)
     )
+    token_file = text("--api-token-file")
+    token_reads = _convert(args, by_flag["--api-token-reads"], parse_bool) or False
+    if token_reads and not token_file:
+        raise ConfigError("--api-token-reads needs --api-token-file")
+    allowed_hosts = tuple(
+        host.strip() for host in (text("--api-allowed-hosts") or "").split(",") if host.strip()
+    )
+    max_streams = _convert(args, by_flag["--max-streams"], parse_positive_int)
     return Settings(
+        api_token_file=Path(token_file) if token_file else None,
+        api_token_reads=token_reads,
+        api_allowed_hosts=allowed_hosts,
+        max_streams=max_streams,
         events=events,
         metrics_host=metrics_host,
         metrics_port=metrics_port,

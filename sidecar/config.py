@@ -23,6 +23,12 @@ _UNIT_SECONDS = {
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
+# Exit codes of `leader-sidecar run` and `status` (the README's contract).
+EXIT_OK = 0  # a clean shutdown
+EXIT_FATAL = 1  # the election loop or a helper crashed; status: RBAC, connection
+EXIT_CONFIG = 2  # bad configuration: flags, env, credentials, an address in use
+
+
 class ConfigError(Exception):
     """Bad configuration: one line for stderr, exit code 2, nothing started."""
 
@@ -133,6 +139,10 @@ class Settings:
     events: bool = False  # Kubernetes Events on the Pod when leadership changes
     metrics_host: str | None = None  # --metrics-address: /metrics alone, e.g. for the pod network
     metrics_port: int = 0
+    api_token_file: Path | None = None  # a shared secret for resign (and reads, by flag)
+    api_token_reads: bool = False
+    api_allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback
+    max_streams: int = 1000  # open SSE + gRPC Watch streams
 
 
 def check_timings(lease: float, renew: float, retry: float) -> None:

@@ -98,6 +98,11 @@ class LeaderEvents(ElectionObserver):
     def start(self) -> None:
         self._worker = asyncio.create_task(self._send_all(), name="kubernetes-events")
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The sender (for supervision: it runs until `close()`)."""
+        return self._worker
+
     async def close(self, timeout: float) -> None:
         """Send what is queued (at most `timeout` seconds), then stop."""
         if self._worker is not None:

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from sidecar import __version__
 from sidecar.election.elector import ElectionObserver
 from sidecar.election.lock import LockConflict, LockForbidden
-from sidecar.state import Broadcaster
+from sidecar.leadership import Broadcaster
 
 PREFIX = "leader_sidecar_"
 RENEW_FAILURE_REASONS = ("conflict", "timeout", "forbidden", "unavailable")

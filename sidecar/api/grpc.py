@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 # gRPC's C core logs in its own format on stderr; its errors reach our log or the exit message
@@ -27,8 +28,9 @@ from grpc_health.v1.health_pb2_grpc import add_HealthServicer_to_server
 from grpc_reflection.v1alpha import reflection
 
 from sidecar.api._pb.leadersidecar.v1 import leader_pb2 as pb
+from sidecar.api.guard import Guard, StreamSlots
 from sidecar.api.http import Control
-from sidecar.state import Broadcaster, Leadership, Role
+from sidecar.leadership import Broadcaster, Leadership, Role
 
 SERVICE = "leadersidecar.v1.LeaderElection"
 # Health-only service name: SERVING on the leader alone, for probes and load balancers.
@@ -69,7 +71,9 @@ class GrpcAddressError(Exception):
     """The gRPC address cannot be listened on."""
 
 
-def to_message(snapshot: Leadership) -> pb.Leadership:
+def to_message(
+    snapshot: Leadership, monotonic_now: float | None = None, with_valid_for: bool = True
+) -> pb.Leadership:
     """The protobuf form of a snapshot: the same facts as HTTP `/leader`."""
     lease = snapshot.lease
     state = _STATE[snapshot.role]
@@ -99,33 +103,56 @@ def to_message(snapshot: Leadership) -> pb.Leadership:
         message.lease.renew_time.FromDatetime(lease.renew_time)
     if lease.duration_seconds is not None:
         message.lease.duration_seconds = lease.duration_seconds
+    if with_valid_for:
+        now = time.monotonic() if monotonic_now is None else monotonic_now
+        valid_for = snapshot.valid_for_ms(now)
+        if valid_for is not None:
+            message.valid_for_ms = valid_for
     return message
 
 
-class _Encoder:
-    """Snapshot -> wire bytes, computed once per snapshot and shared by every stream.
+_VALID_FOR_MS_TAG = b"\x68"  # field 13, varint
 
-    Snapshots are immutable and all woken streams send the same object, so remembering the last
-    one (and its expired view, see `Leadership.as_of`) is enough.
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class _Encoder:
+    """Snapshot -> wire bytes, shared by every stream.
+
+    Everything but `valid_for_ms` is serialised once per snapshot (snapshots are immutable and
+    all woken streams send the same object, so remembering the last one, and its expired view,
+    see `Leadership.as_of`, is enough). `valid_for_ms`, the remaining validity when the message
+    is built, is appended per message as its own field: protobuf parses concatenated fields as
+    one message.
     """
 
     def __init__(self) -> None:
-        self._live: tuple[Leadership | None, bytes] = (None, b"")
-        self._expired: tuple[Leadership | None, bytes] = (None, b"")
+        self._source: Leadership | None = None
+        self._expired = False
+        self._view: Leadership | None = None
+        self._head = b""
 
-    def encode(self, snapshot: Leadership) -> bytes:
-        view = snapshot.as_of(time.monotonic())
-        if view is snapshot:
-            source, data = self._live
-            if source is not snapshot:
-                data = to_message(snapshot).SerializeToString()
-                self._live = (snapshot, data)
-            return data
-        source, data = self._expired
-        if source is not snapshot:
-            data = to_message(view).SerializeToString()
-            self._expired = (snapshot, data)
-        return data
+    def encode(self, snapshot: Leadership, monotonic_now: float | None = None) -> bytes:
+        now = time.monotonic() if monotonic_now is None else monotonic_now
+        view = snapshot.as_of(now)
+        expired = view is not snapshot
+        if snapshot is not self._source or expired != self._expired or self._view is None:
+            message = to_message(view, with_valid_for=False)
+            self._source, self._expired, self._view = snapshot, expired, view
+            self._head = message.SerializeToString()
+        valid_for = self._view.valid_for_ms(now)
+        if valid_for is None:
+            return self._head
+        return self._head + _VALID_FOR_MS_TAG + _varint(valid_for)
 
 
 class _Health(HealthServicer):
@@ -199,9 +226,17 @@ class GrpcApi:
     """The gRPC server. `start()` once the HTTP site listens; `stop()` after the elector's
     shutdown, so that open streams have been told "not leader" before they are closed."""
 
-    def __init__(self, broadcaster: Broadcaster, control: Control) -> None:
+    def __init__(
+        self,
+        broadcaster: Broadcaster,
+        control: Control,
+        guard: Guard | None = None,
+        slots: StreamSlots | None = None,
+    ) -> None:
         self._broadcaster = broadcaster
         self._control = control
+        self._guard = guard or Guard()
+        self._slots = slots or StreamSlots(None)
         self._encoder = _Encoder()
         self._health = _Health()
         self._server: grpc.aio.Server | None = None
@@ -213,6 +248,11 @@ class GrpcApi:
     def streams(self) -> int:
         """Open Watch streams."""
         return len(self._streams)
+
+    @property
+    def health_task(self) -> asyncio.Task[None] | None:
+        """The task keeping gRPC health in step with the election (for supervision)."""
+        return self._health_task
 
     def snapshot(self) -> Leadership:
         return self._broadcaster.current.as_of(time.monotonic())
@@ -264,15 +304,30 @@ class GrpcApi:
 
     # ------------------------------------------------------------------ RPCs
 
+    async def _authorise(self, context: Context, write: bool) -> None:
+        if not write and not self._guard.token_required_for_reads:
+            return
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode()
+        problem = self._guard.token_problem(authorization, write=write)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
     async def _get_leader(self, request: bytes, context: Context) -> bytes:
         await _parse(request, pb.GetLeaderRequest, context)
+        await self._authorise(context, write=False)
         return self._encoder.encode(self._broadcaster.current)
 
     async def _watch(self, request: bytes, context: Context) -> None:
         await _parse(request, pb.WatchRequest, context)
+        await self._authorise(context, write=False)
         task = asyncio.current_task()
         if self._closing or task is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
+        if not self._slots.acquire():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._slots.refusal())
         updates = self._broadcaster.subscribe()
         self._streams.add(task)
         try:
@@ -288,15 +343,23 @@ class GrpcApi:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(STOPPING)
         finally:
+            self._slots.release()
             self._streams.discard(task)
             await updates.aclose()
 
     async def _resign(self, request: bytes, context: Context) -> bytes:
         await _parse(request, pb.ResignRequest, context)
-        if not await self._control.resign():
+        await self._authorise(context, write=True)
+        outcome = await self._control.resign()
+        if not outcome.led:
             state = self.snapshot().role.value
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"this replica does not lead (it is {state})"
+            )
+        if not outcome.released:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"stepped down, but the Lease was not released: {outcome.error}",
             )
         return pb.ResignResponse(identity=self.snapshot().identity).SerializeToString()
 
@@ -305,6 +368,18 @@ class GrpcApi:
     async def _follow_health(self) -> None:
         updates = self._broadcaster.subscribe()
         next_update = asyncio.ensure_future(anext(updates))
+        try:
+            await self._follow(updates, next_update)
+        except Exception:
+            # Never report a stale SERVING: the process ends (supervision in app.py) anyway.
+            await self._health.update(dict.fromkeys((SERVICE, LEADER_SERVICE), NOT_SERVING))
+            raise
+
+    async def _follow(
+        self,
+        updates: AsyncGenerator[Leadership, None],
+        next_update: asyncio.Future[Leadership],
+    ) -> None:
         try:
             while True:
                 snapshot = self.snapshot()

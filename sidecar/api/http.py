@@ -1,7 +1,8 @@
 """The HTTP face on loopback: `/leader` (JSON or Server-Sent Events), probes, resign.
 
 It only reads snapshots from the Broadcaster and asks the elector to resign; it knows nothing
-about Leases or Kubernetes.
+about Leases or Kubernetes. Loopback is not a security boundary against browsers, so every
+request passes `sidecar.api.guard` first (Host, Origin, optional bearer token).
 """
 
 from __future__ import annotations
@@ -11,22 +12,27 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from sidecar.state import Broadcaster, Leadership
+from sidecar.api.guard import Denied, Guard, StreamSlots
+from sidecar.leadership import Broadcaster, Leadership
+
+if TYPE_CHECKING:
+    from sidecar.election.elector import Resignation
 
 NO_CACHE = {"Cache-Control": "no-cache"}
 SSE_KEEPALIVE_SECONDS = 15.0
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class Control(Protocol):
-    """What the HTTP face may ask of the running election."""
+    """What the APIs may ask of the running election."""
 
     def alive(self) -> bool: ...
 
-    async def resign(self) -> bool: ...
+    async def resign(self) -> Resignation: ...
 
 
 class MetricsSource(Protocol):
@@ -35,22 +41,29 @@ class MetricsSource(Protocol):
     def render(self, accept: str | None) -> tuple[bytes, str]: ...
 
 
-def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+def _json(body: dict[str, Any], status: int = 200, **headers: str) -> web.Response:
     return web.Response(
         body=json.dumps(body).encode(),
         status=status,
         content_type="application/json",
-        headers=NO_CACHE,
+        headers={**NO_CACHE, **headers},
     )
 
 
 class HttpApi:
     def __init__(
-        self, broadcaster: Broadcaster, control: Control, metrics: MetricsSource | None = None
+        self,
+        broadcaster: Broadcaster,
+        control: Control,
+        metrics: MetricsSource | None = None,
+        guard: Guard | None = None,
+        slots: StreamSlots | None = None,
     ) -> None:
         self._broadcaster = broadcaster
         self._control = control
         self._metrics = metrics
+        self._guard = guard or Guard()
+        self._slots = slots or StreamSlots(None)
         self._closing = asyncio.Event()
         self.streams = 0  # open event streams (the leader_sidecar_subscribers{api="sse"} gauge)
 
@@ -62,7 +75,7 @@ class HttpApi:
         return self._broadcaster.current.as_of(time.monotonic())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_json_errors])
+        app = web.Application(middlewares=[self._check])
         app.router.add_get("/", self.root)
         app.router.add_get("/leader", self.leader)
         app.router.add_get("/leader/self", self.leader_self)
@@ -72,6 +85,30 @@ class HttpApi:
         if self._metrics is not None:
             app.router.add_get("/metrics", metrics_handler(self._metrics))
         return app
+
+    @web.middleware
+    async def _check(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """The guard, then the handler; errors as JSON."""
+        try:
+            self._guard.check(request.headers, request.method, request.path)
+            return await handler(request)
+        except Denied as exc:
+            extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+            return _json({"error": exc.reason}, status=exc.status, **extra)
+        except web.HTTPMethodNotAllowed as exc:
+            return _json(
+                {
+                    "error": f"method {request.method} not allowed on {request.path}",
+                    "allowed": sorted(exc.allowed_methods),
+                },
+                status=405,
+            )
+        except web.HTTPNotFound:
+            return _json({"error": f"no such path: {request.path}"}, status=404)
 
     async def root(self, request: web.Request) -> web.StreamResponse:
         # Browsers get the status page. The old contrib leader-elector answered {"name": ...}
@@ -84,7 +121,7 @@ class HttpApi:
             body, headers = page()
             return web.Response(body=body, headers=headers)
         return web.Response(
-            body=self.snapshot().to_json(),
+            body=self._broadcaster.current.as_of(time.monotonic()).to_json(),
             content_type="application/json",
             headers={**NO_CACHE, "Vary": "Accept"},
         )
@@ -92,8 +129,11 @@ class HttpApi:
     async def leader(self, request: web.Request) -> web.StreamResponse:
         if _wants_stream(request):
             return await self._stream(request)
+        now = time.monotonic()
         return web.Response(
-            body=self.snapshot().to_json(), content_type="application/json", headers=NO_CACHE
+            body=self._broadcaster.current.as_of(now).to_json(now),
+            content_type="application/json",
+            headers=NO_CACHE,
         )
 
     async def leader_self(self, request: web.Request) -> web.Response:
@@ -107,15 +147,23 @@ class HttpApi:
         )
 
     async def resign(self, request: web.Request) -> web.Response:
-        if await self._control.resign():
-            return _json({"resigned": True, "identity": self.snapshot().identity})
+        outcome = await self._control.resign()
+        identity = self.snapshot().identity
+        if not outcome.led:
+            return _json(
+                {
+                    "resigned": False,
+                    "error": "this replica does not lead",
+                    "state": self.snapshot().role.value,
+                },
+                status=409,
+            )
+        if outcome.released:
+            return _json({"resigned": True, "released": True, "identity": identity})
+        # It stepped down all the same; others take over once the lease lapses.
         return _json(
-            {
-                "resigned": False,
-                "error": "this replica does not lead",
-                "state": self.snapshot().role.value,
-            },
-            status=409,
+            {"resigned": True, "released": False, "identity": identity, "error": outcome.error},
+            status=503,
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -143,6 +191,18 @@ class HttpApi:
         )
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
+        if not self._slots.acquire():
+            return _json(
+                {"error": self._slots.refusal()},
+                status=503,
+                **{"Retry-After": "5"},
+            )
+        try:
+            return await self._serve_stream(request)
+        finally:
+            self._slots.release()
+
+    async def _serve_stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -153,9 +213,9 @@ class HttpApi:
         await response.prepare(request)
         updates = self._broadcaster.subscribe()
         self.streams += 1
+        next_update = asyncio.ensure_future(anext(updates))
+        closing = asyncio.ensure_future(self._closing.wait())
         try:
-            next_update = asyncio.ensure_future(anext(updates))
-            closing = asyncio.ensure_future(self._closing.wait())
             while True:
                 done, _ = await asyncio.wait(
                     {next_update, closing},
@@ -167,10 +227,11 @@ class HttpApi:
                 if not done:
                     await response.write(b": keep-alive\n\n")
                     continue
-                snapshot = next_update.result().as_of(time.monotonic())
+                now = time.monotonic()
+                snapshot = next_update.result().as_of(now)
                 await response.write(
                     b"id: %d\nevent: leadership\ndata: %s\n\n"
-                    % (snapshot.revision, snapshot.to_json())
+                    % (snapshot.revision, snapshot.to_json(now))
                 )
                 next_update = asyncio.ensure_future(anext(updates))
         except ConnectionResetError:
@@ -197,7 +258,19 @@ def metrics_handler(
 
 def metrics_app(metrics: MetricsSource) -> web.Application:
     """Only `GET /metrics`: for `--metrics-address`, which may face the pod network."""
-    app = web.Application(middlewares=[_json_errors])
+
+    @web.middleware
+    async def json_errors(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed:
+            return _json({"error": f"method {request.method} not allowed"}, status=405)
+        except web.HTTPNotFound:
+            return _json({"error": f"no such path: {request.path}"}, status=404)
+
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/metrics", metrics_handler(metrics))
     return app
 
@@ -212,24 +285,14 @@ def _wants_html(request: web.Request) -> bool:
 
 
 def _wants_stream(request: web.Request) -> bool:
-    if request.query.get("watch", "").lower() in ("1", "true", "yes"):
-        return True
+    """`?watch=true` (1/yes/on) or `Accept: text/event-stream`; a bad `watch` value is a 400."""
+    values = request.query.getall("watch", []) if request.query_string else []
+    for value in values:
+        lowered = value.lower()
+        if lowered not in _TRUE and lowered not in _FALSE:
+            raise Denied(
+                400, f"bad query value watch={value!r}: use true or false (1/0, yes/no, on/off)"
+            )
+    if values:
+        return values[-1].lower() in _TRUE
     return "text/event-stream" in request.headers.get("Accept", "")
-
-
-@web.middleware
-async def _json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPMethodNotAllowed as exc:
-        return _json(
-            {
-                "error": f"method {request.method} not allowed on {request.path}",
-                "allowed": sorted(exc.allowed_methods),
-            },
-            status=405,
-        )
-    except web.HTTPNotFound:
-        return _json({"error": f"no such path: {request.path}"}, status=404)

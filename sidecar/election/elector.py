@@ -23,7 +23,7 @@ import structlog
 
 from sidecar.election.lock import LeaseLock, LockConflict, LockError, LockForbidden
 from sidecar.election.record import LeaderRecord, VersionedRecord
-from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 
 T = TypeVar("T")
 
@@ -33,6 +33,21 @@ class Timings:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Resignation:
+    """What `Elector.resign()` did.
+
+    led: this replica led when asked (False: nothing was done; HTTP 409, gRPC
+    FAILED_PRECONDITION). released: the release write landed (HTTP 200). error: why the Lease
+    was not released (HTTP 503, gRPC UNAVAILABLE); the replica stepped down all the same, and
+    others take over once the lease lapses.
+    """
+
+    led: bool
+    released: bool = False
+    error: str | None = None
 
 
 class Clock:
@@ -147,13 +162,13 @@ class Elector:
         self._publish()
         self._changed.set()
 
-    async def resign(self) -> bool:
-        """Stop leading and release the Lease; False if this replica did not lead."""
+    async def resign(self) -> Resignation:
+        """Stop leading and release the Lease (see `Resignation`)."""
         if not self._leading:
-            return False
+            return Resignation(led=False)
         self._sit_out_until = self._clock.monotonic() + self._observed_duration()
-        await self._step_down_and_release("resigned")
-        return True
+        error = await self._step_down_and_release("resigned")
+        return Resignation(led=True, released=error is None, error=error)
 
     async def shutdown(self, timeout: float) -> None:
         """On SIGTERM: tell the app first, then release, within `timeout` seconds."""
@@ -408,7 +423,8 @@ class Elector:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _step_down_and_release(self, reason: str, timeout: float | None = None) -> None:
+    async def _step_down_and_release(self, reason: str, timeout: float | None = None) -> str | None:
+        """Tell the app, then release; None once released, else why it was not."""
         self._leading = False
         self._publish()
         self._observer.lost(reason)
@@ -422,7 +438,7 @@ class Elector:
                 for _ in range(2):
                     observed = self._observed
                     if observed is None or observed.record.holder_identity != self.identity:
-                        return
+                        return "the Lease is no longer held by this replica"
                     released = observed.record.released(self._clock.now())
                     try:
                         result = await self._lock.update(released, observed.version)
@@ -436,9 +452,11 @@ class Elector:
                     self._log.info(
                         "released", reason=reason, transitions=result.record.lease_transitions
                     )
-                    return
+                    return None
         except (LockError, TimeoutError) as exc:
             self._log.warning("release failed", reason=reason, error=_describe(exc))
+            return f"release failed: {_describe(exc)}"
+        return "release failed: the Lease kept changing"
 
     # ---------------------------------------------------------------- helpers
 

@@ -2,7 +2,16 @@
 
 Runs beside the elector as one more subscriber, so a slow or failing receiver never delays
 anything else. Each state is retried with backoff and a timeout; when a newer state arrives
-meanwhile, the older one is dropped: the receiver always ends with the newest state.
+meanwhile, the older one is dropped: the receiver always ends with the newest state. A state
+counts as delivered only once its POST answered 2xx.
+
+Only changes of facts are posted (a new `revision`), not the leader's fresh `valid_until`
+after each renewal; when `valid_until` passes without a renewal, the "not leader" state that
+follows is a change and is posted.
+
+When this replica stops leading on purpose (SIGTERM, resign, the app turned unhealthy),
+`flush()` runs as a step-down hook: the Lease is released only after the "not leader" POST
+succeeded, or `FINAL_POST_SECONDS` passed.
 """
 
 from __future__ import annotations
@@ -16,11 +25,13 @@ from typing import Any
 import aiohttp
 import structlog
 
-from sidecar.state import Broadcaster, Leadership
+from sidecar.leadership import Broadcaster, Leadership
 
 ATTEMPTS = 6
 FIRST_BACKOFF = 0.2
 MAX_BACKOFF = 5.0
+# How long a voluntary step-down waits for the "not leader" POST before releasing the Lease.
+FINAL_POST_SECONDS = 1.0
 
 
 class Notifier:
@@ -31,44 +42,55 @@ class Notifier:
         self._log: Any = structlog.get_logger("notify").bind(url=url)
         self._done_revision = -1  # the newest revision delivered or given up on
         self._progress = asyncio.Event()
+        self._newer: asyncio.Future[Leadership] | None = None
 
-    async def flush(self, timeout: float) -> None:
-        """At shutdown: wait (a little) until the current state was delivered."""
-        with contextlib.suppress(TimeoutError):
+    async def flush(self, timeout: float = FINAL_POST_SECONDS) -> bool:
+        """Wait (at most `timeout`) until the current state was delivered, or given up on."""
+        try:
             async with asyncio.timeout(timeout):
                 while self._done_revision < self._broadcaster.current.revision:
                     self._progress.clear()
                     await self._progress.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def run(self) -> None:
         updates = self._broadcaster.subscribe()
         timeout = aiohttp.ClientTimeout(total=self._timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            pending: Leadership | None = await anext(updates)
-            newer = asyncio.ensure_future(anext(updates))
-            try:
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                pending: Leadership | None = await anext(updates)
+                self._newer = asyncio.ensure_future(anext(updates))
                 while True:
-                    if pending is not None:
-                        pending = await self._deliver(session, pending, newer)
-                    if pending is None:
-                        pending = await newer
-                        newer = asyncio.ensure_future(anext(updates))
-                    elif newer.done():
-                        pending = newer.result()
-                        newer = asyncio.ensure_future(anext(updates))
-            finally:
-                newer.cancel()
+                    if pending is not None and pending.revision > self._done_revision:
+                        pending = await self._deliver(session, pending, updates)
+                        continue
+                    pending = await self._newer
+                    self._newer = asyncio.ensure_future(anext(updates))
+        finally:
+            if self._newer is not None:
+                self._newer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await newer
-                await updates.aclose()
+                    await self._newer
+            await updates.aclose()
+
+    async def _superseded(self, snapshot: Leadership, updates: Any) -> Leadership | None:
+        """A newer state (a new revision) that arrived meanwhile, if any."""
+        assert self._newer is not None
+        while self._newer.done():
+            newer = self._newer.result()
+            self._newer = asyncio.ensure_future(anext(updates))
+            if newer.revision > snapshot.revision:
+                return newer
+        return None
 
     async def _deliver(
-        self, session: aiohttp.ClientSession, snapshot: Leadership, newer: asyncio.Future[Any]
+        self, session: aiohttp.ClientSession, snapshot: Leadership, updates: Any
     ) -> Leadership | None:
         """POST `snapshot` until it lands, gives up, or a newer state supersedes it.
 
-        Returns the snapshot still to send (superseded: the caller takes the newer one), or
-        None when done with it.
+        Returns the newer state still to send, or None when done with this one.
         """
         backoff = FIRST_BACKOFF
         for attempt in range(1, ATTEMPTS + 1):
@@ -77,11 +99,13 @@ class Notifier:
                 self._finished(snapshot)
                 return None
             self._log.warning("notify failed", attempt=attempt, error=error)
-            pause = asyncio.ensure_future(asyncio.sleep(backoff * (1 + random.random() / 2)))
-            await asyncio.wait({pause, newer}, return_when=asyncio.FIRST_COMPLETED)
-            pause.cancel()
-            if newer.done():
-                return snapshot  # superseded
+            deadline = time.monotonic() + backoff * (1 + random.random() / 2)
+            while (left := deadline - time.monotonic()) > 0:
+                assert self._newer is not None
+                await asyncio.wait({self._newer}, timeout=left)
+                newer = await self._superseded(snapshot, updates)
+                if newer is not None:
+                    return newer
             backoff = min(backoff * 2, MAX_BACKOFF)
         self._log.error("notify gave up", attempts=ATTEMPTS, revision=snapshot.revision)
         self._finished(snapshot)

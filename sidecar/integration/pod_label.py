@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
 from sidecar.backends.kubeclient import ApiError, KubeApi, Unreachable
+from sidecar.naming import ELECTION_LABEL
 
 ROLE_LABEL = "leader-sidecar.io/role"
-ELECTION_LABEL = "leader-sidecar.io/election"
 RETRY_SECONDS = 1.0
 
 
 class PodLabeler:
     def __init__(
-        self, api: KubeApi, namespace: str, pod: str, election: str, timeout: float
+        self,
+        api: KubeApi,
+        namespace: str,
+        pod: str,
+        election: str,
+        timeout: float,
+        on_crash: Callable[[str, BaseException], None] | None = None,
     ) -> None:
+        self._on_crash = on_crash
         self._api = api
         self._namespace = namespace
         self._pod = pod
@@ -71,7 +79,14 @@ class PodLabeler:
 
     def _retry_later(self) -> None:
         if self._retry is None or self._retry.done():
-            self._retry = asyncio.create_task(self._retry_until_applied())
+            self._retry = asyncio.create_task(self._retry_until_applied(), name="pod-label")
+            self._retry.add_done_callback(self._retry_ended)
+
+    def _retry_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if self._on_crash is not None:
+            self._on_crash("pod-label", task.exception())  # type: ignore[arg-type]
 
     async def _retry_until_applied(self) -> None:
         while True:

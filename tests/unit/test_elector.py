@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.election.elector import Elector, Timings
 from sidecar.election.record import LeaderRecord
-from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 from tests.unit.memory_lock import MemoryLock, Store
 
 MakeReplica = Callable[..., "Replica"]
@@ -145,7 +145,7 @@ async def test_resign_hands_over_at_once_and_the_token_grows(
     token = leader.now.fencing_token
     assert token is not None
     started = time.monotonic()
-    assert await leader.elector.resign()
+    assert (await leader.elector.resign()).released
     assert not leader.now.is_leader
     others = [r for r in group if r is not leader]
     waiters = [asyncio.ensure_future(r.until(leading)) for r in others]
@@ -156,7 +156,7 @@ async def test_resign_hands_over_at_once_and_the_token_grows(
     new = await settled(group)
     assert new is not leader
     assert new.now.fencing_token == token + 1
-    assert not await leader.elector.resign()  # it no longer leads: 409 in the API
+    assert not (await leader.elector.resign()).led  # it no longer leads: 409 in the API
 
 
 async def test_a_crashed_leader_is_replaced_only_after_the_lease_duration(

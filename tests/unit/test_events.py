@@ -14,8 +14,8 @@ import structlog
 
 from sidecar.backends.kubeclient import ApiError, KubeApi
 from sidecar.events import LeaderEvents, TokenBucket
+from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 from sidecar.metrics import Metrics
-from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
 
 
 class FakeApi:

@@ -25,7 +25,8 @@ from sidecar.api.grpc import (
     _Encoder,
     to_message,
 )
-from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+from sidecar.election.elector import Resignation
+from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -64,11 +65,11 @@ class FakeControl:
     def alive(self) -> bool:
         return True
 
-    async def resign(self) -> bool:
+    async def resign(self) -> Resignation:
         if not self.leading:
-            return False
+            return Resignation(led=False)
         self.resigned += 1
-        return True
+        return Resignation(led=True, released=True)
 
 
 # The generated service stubs are untyped, and the typeshed ones are typed for sync channels.
@@ -220,7 +221,11 @@ async def test_watch_sends_current_state_then_every_change_but_not_renewals(
         published = harness.publish(step)
         got = await read(call)
         assert got.revision == published.revision
-        assert got == to_message(published)
+        expected = to_message(published)
+        assert got.HasField("valid_for_ms") == published.is_leader
+        got.ClearField("valid_for_ms")
+        expected.ClearField("valid_for_ms")
+        assert got == expected
     call.cancel()
 
 

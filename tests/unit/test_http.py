@@ -13,7 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.api.http import HttpApi
-from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
+from sidecar.election.elector import Resignation
+from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 
 
 class FakeControl:
@@ -24,9 +25,9 @@ class FakeControl:
     def alive(self) -> bool:
         return self.running
 
-    async def resign(self) -> bool:
+    async def resign(self) -> Resignation:
         was, self.leading = self.leading, False
-        return was
+        return Resignation(led=was, released=was)
 
 
 def snapshot(role: Role, leader: str, **extra: object) -> Leadership:

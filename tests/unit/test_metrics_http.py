@@ -17,8 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.api.http import HttpApi, metrics_app
 from sidecar.api.status_page import page
+from sidecar.election.elector import Resignation
+from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 from sidecar.metrics import Metrics
-from sidecar.state import Broadcaster, Leadership, LeaseInfo, Role
 
 CHROME_ACCEPT = (
     "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
@@ -30,8 +31,8 @@ class FakeControl:
     def alive(self) -> bool:
         return True
 
-    async def resign(self) -> bool:
-        return False
+    async def resign(self) -> Resignation:
+        return Resignation(led=False)
 
 
 def snapshot(role: Role, leader: str, **extra: Any) -> Leadership:

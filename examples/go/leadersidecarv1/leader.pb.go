@@ -274,12 +274,17 @@ type Leadership struct {
 	Error string `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
 	// False until the sidecar has seen the Lease for the first time.
 	Ready bool `protobuf:"varint,10,opt,name=ready,proto3" json:"ready,omitempty"`
-	// Grows by one with every change of the facts here (not with renewals). Messages on one
-	// Watch stream come in increasing order; a gap means intermediate states were skipped.
+	// Grows by one with every change of the facts here (not with renewals: a message that only
+	// carries a fresh valid_until repeats the revision). Messages on one Watch stream come in
+	// non-decreasing order; a gap means intermediate states were skipped.
 	Revision uint64 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
 	// With --app-health-url: "healthy", "unhealthy" or "unknown", as the sidecar last saw the app
 	// (a replica whose app is not healthy does not campaign, and resigns). "" without the flag.
-	AppHealth     string `protobuf:"bytes,12,opt,name=app_health,json=appHealth,proto3" json:"app_health,omitempty"`
+	AppHealth string `protobuf:"bytes,12,opt,name=app_health,json=appHealth,proto3" json:"app_health,omitempty"`
+	// Leader only: the remaining validity in milliseconds when this message was built (rounded
+	// down), for clients whose wall clock differs from the sidecar's: act as leader for at most
+	// this long after receiving it. Unset unless is_leader.
+	ValidForMs    *int64 `protobuf:"varint,13,opt,name=valid_for_ms,json=validForMs,proto3,oneof" json:"valid_for_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -398,6 +403,13 @@ func (x *Leadership) GetAppHealth() string {
 	return ""
 }
 
+func (x *Leadership) GetValidForMs() int64 {
+	if x != nil && x.ValidForMs != nil {
+		return *x.ValidForMs
+	}
+	return 0
+}
+
 // The coordination.k8s.io/v1 Lease the election runs on (or the local backend's equivalent).
 type Lease struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -499,7 +511,7 @@ const file_leadersidecar_v1_leader_proto_rawDesc = "" +
 	"\fWatchRequest\"\x0f\n" +
 	"\rResignRequest\",\n" +
 	"\x0eResignResponse\x12\x1a\n" +
-	"\bidentity\x18\x01 \x01(\tR\bidentity\"\xba\x04\n" +
+	"\bidentity\x18\x01 \x01(\tR\bidentity\"\xf2\x04\n" +
 	"\n" +
 	"Leadership\x12\x16\n" +
 	"\x06leader\x18\x01 \x01(\tR\x06leader\x12\x1a\n" +
@@ -517,13 +529,16 @@ const file_leadersidecar_v1_leader_proto_rawDesc = "" +
 	" \x01(\bR\x05ready\x12\x1a\n" +
 	"\brevision\x18\v \x01(\x04R\brevision\x12\x1d\n" +
 	"\n" +
-	"app_health\x18\f \x01(\tR\tappHealth\"U\n" +
+	"app_health\x18\f \x01(\tR\tappHealth\x12%\n" +
+	"\fvalid_for_ms\x18\r \x01(\x03H\x01R\n" +
+	"validForMs\x88\x01\x01\"U\n" +
 	"\x05State\x12\x11\n" +
 	"\rSTATE_UNKNOWN\x10\x00\x12\x12\n" +
 	"\x0eSTATE_FOLLOWER\x10\x01\x12\x10\n" +
 	"\fSTATE_LEADER\x10\x02\x12\x13\n" +
 	"\x0fSTATE_NO_LEADER\x10\x03B\x10\n" +
-	"\x0e_fencing_token\"\xaf\x02\n" +
+	"\x0e_fencing_tokenB\x0f\n" +
+	"\r_valid_for_ms\"\xaf\x02\n" +
 	"\x05Lease\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
 	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12%\n" +

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dleadersidecar/v1/leader.proto\x12\x10leadersidecar.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetLeaderRequest\"\x0e\n\x0cWatchRequest\"\x0f\n\rResignRequest\"\"\n\x0eResignResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\"\xc7\x03\n\nLeadership\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".leadersidecar.v1.Leadership.State\x12/\n\x0bvalid_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\rfencing_token\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12/\n\x0bobserved_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05lease\x18\x08 \x01(\x0b\x32\x17.leadersidecar.v1.Lease\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12\x10\n\x08revision\x18\x0b \x01(\x04\x12\x12\n\napp_health\x18\x0c \x01(\t\"U\n\x05State\x12\x11\n\rSTATE_UNKNOWN\x10\x00\x12\x12\n\x0eSTATE_FOLLOWER\x10\x01\x12\x10\n\x0cSTATE_LEADER\x10\x02\x12\x13\n\x0fSTATE_NO_LEADER\x10\x03\x42\x10\n\x0e_fencing_token\"\xe8\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x18\n\x0btransitions\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\x0c\x61\x63quire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrenew_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x10\x64uration_seconds\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_transitionsB\x13\n\x11_duration_seconds2\xf5\x01\n\x0eLeaderElection\x12M\n\tGetLeader\x12\".leadersidecar.v1.GetLeaderRequest\x1a\x1c.leadersidecar.v1.Leadership\x12G\n\x05Watch\x12\x1e.leadersidecar.v1.WatchRequest\x1a\x1c.leadersidecar.v1.Leadership0\x01\x12K\n\x06Resign\x12\x1f.leadersidecar.v1.ResignRequest\x1a .leadersidecar.v1.ResignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dleadersidecar/v1/leader.proto\x12\x10leadersidecar.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetLeaderRequest\"\x0e\n\x0cWatchRequest\"\x0f\n\rResignRequest\"\"\n\x0eResignResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\"\xf3\x03\n\nLeadership\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".leadersidecar.v1.Leadership.State\x12/\n\x0bvalid_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\rfencing_token\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12/\n\x0bobserved_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05lease\x18\x08 \x01(\x0b\x32\x17.leadersidecar.v1.Lease\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12\x10\n\x08revision\x18\x0b \x01(\x04\x12\x12\n\napp_health\x18\x0c \x01(\t\x12\x19\n\x0cvalid_for_ms\x18\r \x01(\x03H\x01\x88\x01\x01\"U\n\x05State\x12\x11\n\rSTATE_UNKNOWN\x10\x00\x12\x12\n\x0eSTATE_FOLLOWER\x10\x01\x12\x10\n\x0cSTATE_LEADER\x10\x02\x12\x13\n\x0fSTATE_NO_LEADER\x10\x03\x42\x10\n\x0e_fencing_tokenB\x0f\n\r_valid_for_ms\"\xe8\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x18\n\x0btransitions\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\x0c\x61\x63quire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrenew_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x10\x64uration_seconds\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_transitionsB\x13\n\x11_duration_seconds2\xf5\x01\n\x0eLeaderElection\x12M\n\tGetLeader\x12\".leadersidecar.v1.GetLeaderRequest\x1a\x1c.leadersidecar.v1.Leadership\x12G\n\x05Watch\x12\x1e.leadersidecar.v1.WatchRequest\x1a\x1c.leadersidecar.v1.Leadership0\x01\x12K\n\x06Resign\x12\x1f.leadersidecar.v1.ResignRequest\x1a .leadersidecar.v1.ResignResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,11 +41,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESIGNRESPONSE']._serialized_start=137
   _globals['_RESIGNRESPONSE']._serialized_end=171
   _globals['_LEADERSHIP']._serialized_start=174
-  _globals['_LEADERSHIP']._serialized_end=629
-  _globals['_LEADERSHIP_STATE']._serialized_start=526
-  _globals['_LEADERSHIP_STATE']._serialized_end=611
-  _globals['_LEASE']._serialized_start=632
-  _globals['_LEASE']._serialized_end=864
-  _globals['_LEADERELECTION']._serialized_start=867
-  _globals['_LEADERELECTION']._serialized_end=1112
+  _globals['_LEADERSHIP']._serialized_end=673
+  _globals['_LEADERSHIP_STATE']._serialized_start=553
+  _globals['_LEADERSHIP_STATE']._serialized_end=638
+  _globals['_LEASE']._serialized_start=676
+  _globals['_LEASE']._serialized_end=908
+  _globals['_LEADERELECTION']._serialized_start=911
+  _globals['_LEADERELECTION']._serialized_end=1156
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ class ResignResponse(_message.Message):
     def __init__(self, identity: _Optional[str] = ...) -> None: ...
 
 class Leadership(_message.Message):
-    __slots__ = ("leader", "identity", "is_leader", "state", "valid_until", "fencing_token", "observed_at", "lease", "error", "ready", "revision", "app_health")
+    __slots__ = ("leader", "identity", "is_leader", "state", "valid_until", "fencing_token", "observed_at", "lease", "error", "ready", "revision", "app_health", "valid_for_ms")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNKNOWN: _ClassVar[Leadership.State]
@@ -51,6 +51,7 @@ class Leadership(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     APP_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    VALID_FOR_MS_FIELD_NUMBER: _ClassVar[int]
     leader: str
     identity: str
     is_leader: bool
@@ -63,7 +64,8 @@ class Leadership(_message.Message):
     ready: bool
     revision: int
     app_health: str
-    def __init__(self, leader: _Optional[str] = ..., identity: _Optional[str] = ..., is_leader: _Optional[bool] = ..., state: _Optional[_Union[Leadership.State, str]] = ..., valid_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., error: _Optional[str] = ..., ready: _Optional[bool] = ..., revision: _Optional[int] = ..., app_health: _Optional[str] = ...) -> None: ...
+    valid_for_ms: int
+    def __init__(self, leader: _Optional[str] = ..., identity: _Optional[str] = ..., is_leader: _Optional[bool] = ..., state: _Optional[_Union[Leadership.State, str]] = ..., valid_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., observed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., error: _Optional[str] = ..., ready: _Optional[bool] = ..., revision: _Optional[int] = ..., app_health: _Optional[str] = ..., valid_for_ms: _Optional[int] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("name", "namespace", "transitions", "acquire_time", "renew_time", "duration_seconds")

@@ -66,7 +66,11 @@ class LeaderElectionServicer:
     def Watch(self, request, context):
         """The current state at once, then one message for every change: the leader changed, this
         replica gained or lost leadership, the lease became free, or the state became unknown
-        (backend unreachable). Renewals that change nothing but times are not sent.
+        (backend unreachable). On the leader also a fresh valid_until after renewals (coalesced:
+        at most one message per retry period, never more than one retry period behind the newest
+        renewal), and a "not leader" message (STATE_UNKNOWN) the moment valid_until passes without
+        a renewal. So: act as leader only while the newest message says is_leader, and never past
+        its valid_until (or valid_for_ms after it arrived). Followers are not woken by renewals.
 
         A client that reads slowly skips intermediate states: it always gets the newest one, and
         never holds up the election or other clients. Treat every message as the whole truth,
@@ -80,7 +84,13 @@ class LeaderElectionServicer:
     def Resign(self, request, context):
         """Stop leading and release the Lease so that another replica can take over at once; this
         replica sits out for one lease duration before it campaigns again. Fails with
-        FAILED_PRECONDITION when this replica does not lead.
+        FAILED_PRECONDITION when this replica does not lead, and with UNAVAILABLE (the reason in
+        the details) when the release could not be written: the replica stopped leading all the
+        same, and another takes over once the lease lapses.
+
+        With --api-token-file every call here needs "authorization: Bearer <token>" metadata for
+        Resign (and for GetLeader and Watch with --api-token-reads): else UNAUTHENTICATED. Watch
+        fails with RESOURCE_EXHAUSTED when --max-streams streams (SSE and gRPC) are open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
