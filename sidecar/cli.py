@@ -166,7 +166,7 @@ OPTIONS = (
         "open event streams (SSE and gRPC Watch together) at most; more get 503 / "
         "RESOURCE_EXHAUSTED",
         "N",
-        "1000",
+        "1024",
         group="serving",
     ),
     Option(

@@ -142,7 +142,7 @@ class Settings:
     api_token_file: Path | None = None  # a shared secret for resign (and reads, by flag)
     api_token_reads: bool = False
     api_allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback
-    max_streams: int = 1000  # open SSE + gRPC Watch streams
+    max_streams: int = 1024  # open SSE + gRPC Watch streams
 
 
 def check_timings(lease: float, renew: float, retry: float) -> None:

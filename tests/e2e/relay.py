@@ -7,6 +7,7 @@ TLS passes straight through, so a kubeconfig pointing at the relay reaches the r
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import threading
@@ -34,10 +35,8 @@ class Relay:
         self._closed = True
         self._flowing.set()
         for sock in [self._listener, *self._sockets]:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def kubeconfig(self, original: Path, path: Path) -> Path:
         """A copy of `original` whose server is this relay."""
@@ -73,7 +72,5 @@ class Relay:
             pass
         finally:
             for sock in (source, target):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass

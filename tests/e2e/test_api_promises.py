@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import itertools
 import json
 import signal
 import threading
@@ -157,7 +158,8 @@ def test_streams_carry_a_live_valid_until_for_three_renew_deadlines(
     time.sleep(3 * RENEW)
     rpc.close()
     sse.close()
-    for name, items, until, valid_for in (
+    checks: list[tuple[str, list[tuple[float, Any]], Callable[[Any], float], Callable[[Any], int]]]
+    checks = [
         (
             "gRPC",
             rpc.snapshot(),
@@ -165,7 +167,8 @@ def test_streams_carry_a_live_valid_until_for_three_renew_deadlines(
             lambda m: m.valid_for_ms,
         ),
         ("SSE", sse.snapshot(), lambda m: wall(m["valid_until"]), lambda m: m["valid_for_ms"]),
-    ):
+    ]
+    for name, items, until, valid_for in checks:
         leading = [(t, m) for t, m in items if (m.is_leader if name == "gRPC" else m["is_leader"])]
         assert len(leading) == len(items), f"{name}: the leader said it did not lead"
         # One message per renewal (coalesced to one per retry period), none stale on arrival.
@@ -173,7 +176,7 @@ def test_streams_carry_a_live_valid_until_for_three_renew_deadlines(
         for arrived, message in leading:
             assert until(message) > arrived, f"{name}: valid_until already past on arrival"
             assert 0 < valid_for(message) <= RENEW * 1000
-        gaps = [b - a for (a, _), (b, _) in zip(leading, leading[1:], strict=False)]
+        gaps = [b - a for (a, _), (b, _) in itertools.pairwise(leading)]
         assert max(gaps) < RETRY * 2, f"{name}: a fresh valid_until came {max(gaps):.3f}s late"
         assert min(gaps) > RETRY * 0.5, f"{name}: more than one message per retry period"
 
@@ -378,8 +381,8 @@ def test_streams_past_the_cap_get_503_and_resource_exhausted(
 ) -> None:
     one = sidecars("capped", [*local_args(tmp_path), "--max-streams", "3"]).wait_started()
     one.wait_for(lambda s: bool(s.get("is_leader")))  # the harness's own SSE stream is one
-    held = [SseWatch(one.port), GrpcWatch(grpc_address(one))]
-    held[1].wait_for(lambda m: True)
+    held_sse, held_rpc = SseWatch(one.port), GrpcWatch(grpc_address(one))
+    held_rpc.wait_for(lambda m: True)
     refused = SseWatch(one.port)
     assert refused.status == 503
     refused_rpc = GrpcWatch(grpc_address(one))
@@ -387,12 +390,12 @@ def test_streams_past_the_cap_get_503_and_resource_exhausted(
     while refused_rpc.error is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert refused_rpc.error == grpc.StatusCode.RESOURCE_EXHAUSTED
-    held[1].close()
+    held_rpc.close()
     time.sleep(0.2)
     again = GrpcWatch(grpc_address(one))
     again.wait_for(lambda m: True)  # a slot was freed
     again.close()
-    held[0].close()
+    held_sse.close()
 
 
 # ------------------------------------------------------------ start-up and shutdown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -47,7 +48,7 @@ async def test_renewals_wake_leader_streams_at_most_once_per_retry_period() -> N
         await asyncio.sleep(0.01)
     task.cancel()
     times = [t for t, _ in got[1:]]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert 3 <= len(times) <= 6
     assert min(gaps) >= PERIOD * 0.9 and max(gaps) <= PERIOD * 1.5
     assert {s.revision for _, s in got} == {0}  # no change of facts

@@ -126,7 +126,7 @@ async def test_failed_renewals_are_counted_by_reason(store: Store) -> None:
     assert a.value("leader_sidecar_renew_failures_total", reason="conflict") == 0
     # The fan-out's timer says "not leader" at the deadline; the elector counts its loss then.
     async with asyncio.timeout(2):
-        while a.value("leader_sidecar_leader_transitions_total", direction="lost") != 1:
+        while a.value("leader_sidecar_leader_transitions_total", direction="lost") != 1:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
     assert a.value("leader_sidecar_leader_known") == 0
     await a.stop()
