@@ -118,8 +118,8 @@ class SseWatch(_Stream):
                 line = raw.decode().rstrip("\n")
                 if line.startswith("data: "):
                     self._add(json.loads(line[6:]))
-        except (OSError, ValueError, http.client.HTTPException) as exc:
-            self._end(exc)
+        except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
+            self._end(exc)  # AttributeError: closed under the reader by close()
         self._end("closed")
 
     def close(self) -> None:
