@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sidecar.naming import is_dns_subdomain
+from sidecar.naming import is_dns_label, is_dns_subdomain
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {
@@ -20,7 +20,6 @@ _UNIT_SECONDS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 # Exit codes of `leader-sidecar run` and `status` (the README's contract).
@@ -176,5 +175,5 @@ def check_names(lease_name: str | None, prefix: str, namespace: str | None) -> N
             f"--lease-prefix {prefix!r} does not make a valid Kubernetes object name "
             "(lower-case letters, digits and '-', at most 236)"
         )
-    if namespace is not None and not _DNS_LABEL.match(namespace):
+    if namespace is not None and not is_dns_label(namespace):
         raise ConfigError(f"--namespace {namespace!r} is not a valid namespace name")

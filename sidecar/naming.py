@@ -8,8 +8,10 @@ import re
 import socket
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_SELECTOR = f"{MANAGED_BY}=leader-sidecar"  # finds every Lease the sidecar made
 ELECTION_LABEL = "leader-sidecar.io/election"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_LABEL_MAX = 63
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _SUBDOMAIN_MAX = 253
 
@@ -30,6 +32,11 @@ def is_dns_subdomain(name: str) -> bool:
     return all(_DNS_LABEL.match(part) for part in name.split("."))
 
 
+def is_dns_label(name: str) -> bool:
+    """RFC 1123 label, as the API server requires of namespace names."""
+    return 0 < len(name) <= _DNS_LABEL_MAX and bool(_DNS_LABEL.match(name))
+
+
 def election_label_value(workload: str) -> str:
     """The workload name as a label value, hashed when it is not a valid one (> 63 chars...)."""
     if len(workload) <= 63 and _LABEL_VALUE.match(workload):
@@ -39,6 +46,15 @@ def election_label_value(workload: str) -> str:
 
 def lease_labels(workload: str) -> dict[str, str]:
     return {MANAGED_BY: "leader-sidecar", ELECTION_LABEL: election_label_value(workload)}
+
+
+def explain_api_error(status: int, message: str, verb: str, resource: str, where: str) -> str:
+    """One wording for API errors a person must act on (RBAC, credentials)."""
+    if status == 403:
+        return f"RBAC denies '{verb}' on {resource} {where}: {message}"
+    if status == 401:
+        return f"the API server rejected our credentials (401): {message}"
+    return f"the API server answered {status}: {message}"
 
 
 def default_identity(in_kubernetes: bool) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from sidecar.backends.kubeclient import ApiError, KubeApi, Unreachable
-from sidecar.naming import ELECTION_LABEL
+from sidecar.naming import ELECTION_LABEL, explain_api_error
 
 ROLE_LABEL = "leader-sidecar.io/role"
 RETRY_SECONDS = 1.0
@@ -123,6 +123,6 @@ class PodLabeler:
 
 
 def _explain(exc: ApiError | Unreachable, verb: str) -> str:
-    if isinstance(exc, ApiError) and exc.status == 403:
-        return f"RBAC denies '{verb}' on pods: {exc.message}"
+    if isinstance(exc, ApiError) and exc.status in (401, 403):
+        return explain_api_error(exc.status, exc.message, verb, "pods", "on this Pod's namespace")
     return str(exc)

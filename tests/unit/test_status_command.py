@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sidecar.cli import build_parser, main, settings_from_args
-from sidecar.status import Election, Table, human_duration
+from sidecar.cli.status import Election, Table, human_duration
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -1,18 +1,15 @@
-"""`leader-sidecar run`: flags and env vars -> Settings -> app.run. Bad input exits 2 at once."""
+"""`leader-sidecar run`: its flags and env vars -> Settings. Bad input exits 2 at once."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from sidecar import __version__
 from sidecar.config import (
-    EXIT_CONFIG,
     ConfigError,
     Settings,
     check_names,
@@ -244,53 +241,6 @@ GROUPS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, as for every other configuration error.
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="leader-sidecar",
-        description="Leader election for the replicas of a Kubernetes workload, served to the "
-        "app next to it on loopback: curl localhost:4040/leader.",
-    )
-    parser.add_argument("--version", action="version", version=f"leader-sidecar {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-    run = commands.add_parser(
-        "run",
-        help="take part in the election and serve its state",
-        description="Take part in the election and serve its state. Every flag can also be "
-        f"set as an env var {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}LEASE_DURATION=15s); "
-        "flags win over env vars.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    groups = {key: run.add_argument_group(title) for key, title in GROUPS.items()}
-    for option in OPTIONS:
-        extra: dict[str, Any] = {}
-        if option.boolean:
-            extra.update(action="store_const", const="true")
-        elif option.choices:
-            extra["choices"] = option.choices
-        else:
-            extra["metavar"] = option.metavar or None
-        default = f" (default {option.default})" if option.default else ""
-        groups[option.group].add_argument(
-            option.flag,
-            *option.aliases,
-            dest=option.dest,
-            default=None,
-            help=f"{option.help}{default} [env {option.env}]".strip(),
-            **extra,
-        )
-    from sidecar.status import add_parser as add_status_parser
-
-    add_status_parser(commands)
-    return parser
-
-
 def _raw(args: argparse.Namespace, option: Option) -> tuple[str | None, str]:
     """The option's text and where it came from (for messages): flag, env var, or default."""
     value = getattr(args, option.dest)
@@ -418,20 +368,3 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         service_account_dir=service_account_dir,
         grpc_address=grpc_address,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "status":
-        from sidecar.status import run_status
-
-        return run_status(args)
-    try:
-        settings = settings_from_args(args)
-    except ConfigError as exc:
-        print(f"leader-sidecar: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    from sidecar.app import run  # heavy imports only once the flags are known to be good
-
-    return run(settings)

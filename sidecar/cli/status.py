@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -28,20 +27,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidecar.config import EXIT_CONFIG, EXIT_OK
+from sidecar.config import EXIT_FATAL as EXIT_ERROR
+from sidecar.election.record import format_microtime, parse_microtime
+from sidecar.naming import ELECTION_LABEL, MANAGED_SELECTOR, explain_api_error, is_dns_label
+
 if TYPE_CHECKING:
     from sidecar.backends.kubeclient import KubeApi
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
-MANAGED_SELECTOR = "app.kubernetes.io/managed-by=leader-sidecar"
-ELECTION_LABEL = "leader-sidecar.io/election"
 EXPIRED_NOTE = (
     "EXPIRED compares renewTime + leaseDurationSeconds with this machine's clock: a display "
     "hint only (the sidecars judge expiry by observed time, never by comparing clocks)"
 )
 REQUEST_TIMEOUT = 10.0
 WATCH_SECONDS = 300
-WATCH_IDLE_SECONDS = 90.0
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class StatusError(Exception):
@@ -85,7 +84,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    if args.namespace is not None and not _NAMESPACE.match(args.namespace):
+    if args.namespace is not None and not is_dns_label(args.namespace):
         return _fail(f"--namespace {args.namespace!r} is not a valid namespace name", EXIT_CONFIG)
     kubeconfig = _kubeconfig(args.kubeconfig)
     if kubeconfig is None:
@@ -202,13 +201,13 @@ def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+        return parse_microtime(value)
     except ValueError:
         return None
 
 
 def _format_time(moment: datetime | None) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
+    return format_microtime(moment) if moment else None
 
 
 def human_duration(seconds: float) -> str:
@@ -353,6 +352,7 @@ class _Lister:
             "timeoutSeconds": str(WATCH_SECONDS),
         }
         from sidecar.backends.kubeclient import ApiError, Unreachable
+        from sidecar.backends.kubernetes import WATCH_IDLE_SECONDS
 
         try:
             async for event in self._api.stream(
@@ -376,10 +376,9 @@ class _Lister:
 
     def _explain(self, exc: Any, verb: str) -> str:
         where = "cluster-wide" if self.namespace is None else f"in namespace {self.namespace!r}"
-        if exc.status == 403:
-            return f"RBAC denies '{verb}' on leases.coordination.k8s.io {where}: {exc.message}"
-        if exc.status == 401:
-            return f"the API server rejected our credentials (401): {exc.message}"
+        if exc.status in (401, 403):
+            resource = "leases.coordination.k8s.io"
+            return explain_api_error(exc.status, exc.message, verb, resource, where)
         return f"the API server answered {exc}"
 
 
