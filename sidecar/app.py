@@ -321,7 +321,9 @@ async def _main(settings: Settings) -> int:
                 await starting
             log.info("stopped during start-up", reason=stop.reason)
             return stop.code
-        starting.result()  # a ConfigError propagates (exit 2) after the stack closed
+        # A ConfigError propagates (exit 2) after the stack closed. The start-up task bound
+        # the election and Lease to its log context; shutdown logs here name them too.
+        structlog.contextvars.bind_contextvars(**starting.result())
         await stop.requested.wait()
         budget.start()
         log.info("stopping", reason=stop.reason)
@@ -331,8 +333,9 @@ async def _main(settings: Settings) -> int:
 
 async def _start(
     settings: Settings, stack: contextlib.AsyncExitStack, stop: _Stop, budget: _Budget
-) -> None:
-    """Open everything, registering each tear-down on `stack`, then run the election."""
+) -> dict[str, Any]:
+    """Open everything, registering each tear-down on `stack`, then run the election.
+    Returns the log context it bound (election, Lease)."""
     log: Any = structlog.get_logger("app")
     guard = _guard(settings)
     backend = await _open_backend(settings, stack)
@@ -462,6 +465,7 @@ async def _start(
         renew_deadline=settings.renew_deadline,
         retry_period=settings.retry_period,
     )
+    return structlog.contextvars.get_contextvars()
 
 
 async def _stop_election(control: _Control, elector: Elector, budget: _Budget) -> None:

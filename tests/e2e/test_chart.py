@@ -47,6 +47,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         }
     },
     "on-every-option": EVERYTHING,
+    "on-api-token": {
+        "leaderElection": {"enabled": True, "apiToken": {"secretName": "shop-api", "reads": True}}
+    },
     "on-shared-token-no-grpc": {
         "leaderElection": {
             "enabled": True,

@@ -57,6 +57,15 @@ leader-sidecar.io/lease: {{ include "leader-sidecar.leaseName" . | quote }}
 - name: LEADER_SIDECAR_GRPC
   value: {{ printf "127.0.0.1:%v" .values.grpc.port | quote }}
 {{- end }}
+{{- with .values.apiToken }}
+{{- if .secretName }}
+- name: LEADER_SIDECAR_API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName | quote }}
+      key: {{ .key | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* `false` when only the sidecar gets the token (through leader-sidecar.volumes). */}}
@@ -154,6 +163,12 @@ args:
   {{- if $v.metrics.enabled }}
   - {{ printf "--metrics-address=0.0.0.0:%v" $v.metrics.port | quote }}
   {{- end }}
+  {{- if $v.apiToken.secretName }}
+  - {{ printf "--api-token-file=/var/run/secrets/leader-sidecar/api-token/%s" $v.apiToken.key | quote }}
+  {{- if $v.apiToken.reads }}
+  - --api-token-reads
+  {{- end }}
+  {{- end }}
   {{- range $v.extraArgs }}
   - {{ . | quote }}
   {{- end }}
@@ -194,7 +209,7 @@ resources:
 {{- end }}
 securityContext:
   {{- toYaml $v.securityContext | nindent 2 }}
-{{- if or $v.serviceAccount.tokenOnlyInSidecar $v.tmpVolume }}
+{{- if or $v.serviceAccount.tokenOnlyInSidecar $v.tmpVolume $v.apiToken.secretName }}
 volumeMounts:
   {{- if $v.serviceAccount.tokenOnlyInSidecar }}
   - name: leader-sidecar-token
@@ -204,6 +219,11 @@ volumeMounts:
   {{- if $v.tmpVolume }}
   - name: leader-sidecar-tmp
     mountPath: /tmp
+  {{- end }}
+  {{- if $v.apiToken.secretName }}
+  - name: leader-sidecar-api-token
+    mountPath: /var/run/secrets/leader-sidecar/api-token
+    readOnly: true
   {{- end }}
 {{- end }}
 {{- end }}
@@ -256,6 +276,18 @@ kubelet does for automounted tokens but mounted into the sidecar only; and a sma
   emptyDir:
     medium: Memory
     sizeLimit: 4Mi
+{{- end }}
+{{- with .values.apiToken }}
+{{- if .secretName }}
+{{- /* Mounted as a directory (no subPath), so a rotated Secret reaches the sidecar. */}}
+- name: leader-sidecar-api-token
+  secret:
+    secretName: {{ .secretName | quote }}
+    defaultMode: 0444
+    items:
+      - key: {{ .key | quote }}
+        path: {{ .key | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
