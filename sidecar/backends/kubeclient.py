@@ -428,7 +428,7 @@ def _decode(response: aiohttp.ClientResponse, data: bytes, host: str) -> Any:
         raise BadAnswer(_describe_answer(host, response, data))
     try:
         return json.loads(data)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting
         raise BadAnswer(
             f"the API server at {host} answered {response.status} with JSON that does not "
             f"parse (truncated?): {exc}: {_preview(data)}"
@@ -438,7 +438,7 @@ def _decode(response: aiohttp.ClientResponse, data: bytes, host: str) -> Any:
 def _decode_line(line: bytes, host: str) -> Any:
     try:
         return json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise BadAnswer(
             f"the API server at {host} sent a watch line that is not JSON: {_preview(line)}"
         ) from exc
@@ -468,7 +468,7 @@ def _api_error(response: aiohttp.ClientResponse, data: bytes) -> ApiError:
     if _is_json(response.content_type):
         try:
             status_obj = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             status_obj = None
     if isinstance(status_obj, dict):
         message = str(status_obj.get("message", ""))

@@ -177,7 +177,7 @@ class KubernetesLeaseLock:
             if spec is not None and not isinstance(spec, dict):
                 raise ValueError(f"spec is a JSON {type(spec).__name__}, not an object")
             record = LeaderRecord.from_spec(spec)
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise LockUnavailable(
                 f"the API server answered something that is not a Lease ({exc}): {_preview(lease)}"
             ) from exc

@@ -101,7 +101,7 @@ class LocalLeaseLock:
             data = json.loads(self._path.read_bytes())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise LockUnavailable(f"cannot read the lease file {self._path}: {exc}") from exc
         return data, _versioned(data, self._path)
 
@@ -184,7 +184,7 @@ def _versioned(data: Any, path: Path) -> VersionedRecord:
         if not isinstance(version, str | int) or isinstance(version, bool) or version == "":
             raise ValueError("no version")
         return VersionedRecord(LeaderRecord.from_spec(data["spec"]), str(version))
-    except (ValueError, TypeError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
         raise LockUnavailable(f"the lease file {path} holds no record we can read: {exc}") from exc
 
 

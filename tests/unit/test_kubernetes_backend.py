@@ -151,6 +151,17 @@ MALFORMED: dict[str, tuple[Callable[[], web.StreamResponse], list[str]]] = {
         lambda: web.json_response(lease(leaseTransitions={"n": 1})),
         ["not a Lease"],
     ),
+    "a duration of 1e999": (
+        lambda: web.Response(
+            body=b'{"metadata": {"resourceVersion": "1"}, "spec": {"leaseDurationSeconds": 1e999}}',
+            content_type="application/json",
+        ),
+        ["not a Lease", "infinity"],
+    ),
+    "JSON nested too deeply": (
+        lambda: web.Response(body=b"[" * 100_000, content_type="application/json"),
+        ["does not parse"],
+    ),
     "truncated JSON": (
         lambda: web.Response(body=b'{"metadata": {"resourceVers', content_type="application/json"),
         ["does not parse", "resourceVers"],

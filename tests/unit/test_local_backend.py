@@ -100,6 +100,8 @@ GARBAGE = {
     "no version": b'{"spec": {}}',
     "a bad MicroTime": b'{"version": "1", "spec": {"renewTime": "soon"}}',
     "a bad duration": b'{"version": "1", "spec": {"leaseDurationSeconds": [1]}}',
+    "an infinite duration": b'{"version": "1", "spec": {"leaseDurationSeconds": 1e999}}',
+    "JSON nested too deeply": b"[" * 100_000,
 }
 
 
