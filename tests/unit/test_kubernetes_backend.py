@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -623,3 +624,63 @@ async def test_reauthentication_does_not_cut_off_a_watch_in_flight(
     assert not api._retired
     assert watching.rest.pool_manager.closed
     assert [auth for _, _, auth, _ in peer.seen if auth != "Bearer old"][-1] == "Bearer newer"
+
+
+# ------------------------------------------------------------------ anything at all
+
+
+def random_body(rng: random.Random) -> bytes:
+    values: list[Any] = [
+        None,
+        [],
+        {},
+        "x",
+        17,
+        1.5,
+        True,
+        lease(),
+        {"metadata": {"resourceVersion": 5}},
+        {"metadata": [], "spec": {}},
+        {"metadata": {"resourceVersion": "1"}, "spec": {"renewTime": 3}},
+        {"metadata": {"resourceVersion": "1"}, "spec": {"leaseTransitions": "many"}},
+        {"type": "ADDED", "object": lease()},
+        {"type": "ERROR", "object": {"code": "410"}},
+        {"type": None, "object": None},
+        {"kind": "Status", "code": 404, "reason": None, "message": ["x"]},
+    ]
+    encoded = json.dumps(rng.choice(values)).encode()
+    match rng.randrange(4):
+        case 0:
+            return encoded
+        case 1:
+            return encoded[: rng.randrange(len(encoded) + 1)]
+        case 2:
+            return bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+        case _:
+            return encoded + b"\n" + encoded[:-1] + b"\n"
+
+
+async def test_whatever_the_peer_answers_a_call_ends_in_a_record_or_a_lock_error(
+    fake: tuple[Fake, int], lock: KubernetesLeaseLock
+) -> None:
+    peer, _ = fake
+    rng = random.Random(4040)
+
+    async def anything(request: web.Request) -> web.StreamResponse:
+        code = rng.choice([200, 200, 201, 401, 404, 409, 410, 429, 500, 503])
+        headers = {"Retry-After": rng.choice(["1", "x", "-1", "Wed, 21 Oct 2015 07:28:00 GMT"])}
+        content_type = rng.choice(["application/json", "text/html", "application/merge+json"])
+        return web.Response(
+            status=code, body=random_body(rng), content_type=content_type, headers=headers
+        )
+
+    peer.handler = anything
+    outcomes: set[str] = set()
+    for round in range(120):
+        verb = VERBS[round % len(VERBS)]
+        try:
+            await call(lock, verb)
+            outcomes.add("answer")
+        except LockError as exc:  # anything else fails the test
+            outcomes.add(type(exc).__name__)
+    assert outcomes >= {"answer", "LockUnavailable", "LockConflict", "LockForbidden"}, outcomes
