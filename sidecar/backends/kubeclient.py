@@ -167,8 +167,7 @@ class _Transport:
 
     configuration: Any
     rest: Any
-    users: int = 0
-    retired: bool = False
+    users: int = 0  # requests in flight
 
 
 class KubeApi:
@@ -218,7 +217,6 @@ class KubeApi:
             _Transport(configuration, lib.RESTClientObject(configuration)),
         )
         if old is not None:
-            old.retired = True
             self._retired.add(old)
             await self._close_if_unused(old)
         self.connection = Connection(configuration.host, namespace, source)
@@ -244,7 +242,7 @@ class KubeApi:
             await self._close_if_unused(transport)
 
     async def _close_if_unused(self, transport: _Transport) -> None:
-        if transport.retired and transport.users == 0 and transport in self._retired:
+        if transport.users == 0 and transport in self._retired:
             self._retired.discard(transport)
             await transport.rest.close()
 
