@@ -36,7 +36,7 @@ from sidecar.config import ConfigError
 from sidecar.election.lock import LockConflict, LockNotFound, LockUnavailable
 from sidecar.election.record import LeaderRecord, VersionedRecord
 
-POLL_SECONDS = 0.05  # reading the small file this often costs nothing; a handover takes ~50 ms
+POLL_SECONDS = 0.05  # a handover takes ~50 ms; reading the file 20 times a second: ~0.02 % CPU
 LOCK_TIMEOUT = 1.0  # a healthy peer holds the flock for well under a millisecond
 RECORD_FIELDS = (
     "holderIdentity",
@@ -83,13 +83,21 @@ class LocalLeaseLock:
             return self._write({**data, "spec": {**spec, **record.to_spec()}}, record)
 
     async def watch(self) -> AsyncGenerator[VersionedRecord | None, None]:
-        current = await self.get()
+        """Poll the file. Its bytes are compared, not its stat: a rename may reuse the inode
+        number with the same size within one coarse mtime tick, and every write's random
+        version makes the bytes differ."""
+        raw = self._raw()
+        current = None if raw is None else self._parse(raw)[1]
         yield current
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            latest = await self.get()
-            if latest != current:
-                current = latest
+            latest = self._raw()
+            if latest == raw:
+                continue
+            raw = latest
+            record = None if raw is None else self._parse(raw)[1]
+            if record != current:
+                current = record
                 yield current
 
     async def close(self) -> None:
@@ -97,11 +105,21 @@ class LocalLeaseLock:
 
     def _read(self) -> tuple[dict[str, Any], VersionedRecord] | None:
         """The file's JSON object and the record in it, or None if there is no file."""
+        raw = self._raw()
+        return None if raw is None else self._parse(raw)
+
+    def _raw(self) -> bytes | None:
         try:
-            data = json.loads(self._path.read_bytes())
+            return self._path.read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, RecursionError) as exc:
+        except OSError as exc:
+            raise LockUnavailable(f"cannot read the lease file {self._path}: {exc}") from exc
+
+    def _parse(self, raw: bytes) -> tuple[dict[str, Any], VersionedRecord]:
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
             raise LockUnavailable(f"cannot read the lease file {self._path}: {exc}") from exc
         return data, _versioned(data, self._path)
 
