@@ -389,3 +389,52 @@ def test_a_missing_namespace_is_reported_and_the_election_starts_once_it_exists(
             f"/api/v1/namespaces/{later}/finalize",
             {"metadata": {"name": later}, "spec": {"finalizers": []}},
         )
+
+
+def _metric(sidecar: Sidecar, name: str, label: str) -> float:
+    """The sum of the sidecar's samples of `name` whose labels include `label`."""
+    _, text = sidecar.request("GET", "/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in str(text).splitlines()
+        if line.startswith(name + "{") and label in line
+    )
+
+
+def test_a_rotated_kubeconfig_token_does_not_cut_the_watch_in_flight(
+    kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """A 401 reloads the kubeconfig; the watch opened with the old credentials keeps running
+    (the API server checked them when it opened it) and still reports changes at once."""
+    for account in ("old", "new"):
+        _service_account(kube_cluster, namespace, account)
+    kubeconfig = tmp_path / "kubeconfig"
+    kube_cluster.kubeconfig_for(_mint(kube_cluster, namespace, "old"), kubeconfig)
+    # A long retry period: a change seen within it can only have come through the watch.
+    slow = ["--lease-duration", "15s", "--renew-deadline", "10s", "--retry-period", "3s"]
+    args = ["--kubeconfig", str(kubeconfig), "--namespace", namespace, "--election", "shop"]
+    sidecar = sidecars("r0", [*args, *slow]).wait_started()
+    sidecar.wait_for(lambda s: bool(s.get("is_leader")))
+    watches = "leader_sidecar_api_request_duration_seconds_count"
+    opened = _metric(sidecar, watches, 'verb="WATCH"')
+    rotated = tmp_path / "kubeconfig.new"
+    kube_cluster.kubeconfig_for(_mint(kube_cluster, namespace, "new"), rotated)
+    rotated.replace(kubeconfig)
+    status, _ = kube_cluster.api("DELETE", f"/api/v1/namespaces/{namespace}/serviceaccounts/old")
+    assert status == 200
+    deadline = time.monotonic() + 15
+    while not _metric(sidecar, "leader_sidecar_api_request_errors_total", 'code="401"'):
+        assert time.monotonic() < deadline, "the old token was never refused"
+        time.sleep(0.1)
+    sidecar.wait_for(lambda s: bool(s.get("is_leader")) and not s.get("error"), timeout=5)
+
+    def intruder(lease: dict[str, Any]) -> None:
+        lease["spec"]["holderIdentity"] = "intruder"
+        lease["spec"]["leaseTransitions"] += 1
+
+    _edit_lease(kube_cluster, lease_path(namespace, sidecar.leader()["lease"]["name"]), intruder)
+    taken = time.monotonic()
+    lost = sidecar.wait_for(lambda s: not s.get("is_leader"), timeout=10)
+    assert lost - taken < 1.0, f"the takeover was seen after {lost - taken:.2f}s, not by the watch"
+    assert _metric(sidecar, watches, 'verb="WATCH"') == opened, "the watch was reopened"
+    assert "watch error" not in sidecar.log_events(), sidecar.log_text()
