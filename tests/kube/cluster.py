@@ -164,8 +164,9 @@ def _openssl(*args: str | Path) -> None:
     subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
 
 
-def _make_pki(pki: Path) -> None:
-    """CA, a serving cert for 127.0.0.1/localhost, and the service-account RSA key pair."""
+def _make_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
+    """CA, a serving cert for 127.0.0.1/localhost (and `extra_ips`), and the service-account
+    RSA key pair."""
     pki.mkdir(parents=True, exist_ok=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl(
@@ -200,7 +201,9 @@ def _make_pki(pki: Path) -> None:
         "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
         "authorityKeyIdentifier=keyid\n"
         "subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,"
-        "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+        "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+        + "".join(f",IP:{ip}" for ip in extra_ips)
+        + "\n"
     )
     _openssl(
         "x509",
@@ -278,6 +281,10 @@ class Cluster:
     ``detached=True`` (used by the ``up`` CLI).
     """
 
+    # Where kube-apiserver listens and advertises itself; the one-node cluster (node.py) uses an
+    # address on its pod bridge, which pods can reach.
+    host = "127.0.0.1"
+
     def __init__(
         self, state_dir: Path | None = None, bin_dir: Path | None = None, *, detached: bool = False
     ) -> None:
@@ -289,7 +296,7 @@ class Cluster:
         self.ca_file = self.state_dir / "pki" / "ca.crt"
         self.tokens: dict[str, str] = {u: secrets.token_hex(16) for u in USERS}
         self.etcd_port, self.etcd_peer_port, self.port = free_port(), free_port(), free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.server = f"https://{self.host}:{self.port}"
         self.kubeconfig = self.state_dir / "kubeconfig"
         self._etcd: subprocess.Popen[bytes] | None = None
         self._apiserver: subprocess.Popen[bytes] | None = None
@@ -307,7 +314,7 @@ class Cluster:
             bins = self._bin_dir or build()
             self._bin_dir = bins
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            _make_pki(self.state_dir / "pki")
+            _make_pki(self.state_dir / "pki", () if self.host == "127.0.0.1" else (self.host,))
             self._ssl = ssl.create_default_context(cafile=str(self.ca_file))
             (self.state_dir / "tokens.csv").write_text(
                 "".join(
@@ -370,37 +377,37 @@ class Cluster:
     def start_apiserver(self, timeout: float = 60.0) -> None:
         if self._apiserver and self._apiserver.poll() is None:
             return
-        pki = self.state_dir / "pki"
         started = time.monotonic()
-        self._apiserver = self._spawn(
-            "kube-apiserver",
-            [
-                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={self.port}",
-                f"--tls-cert-file={pki / 'server.crt'}",
-                f"--tls-private-key-file={pki / 'server.key'}",
-                f"--client-ca-file={pki / 'ca.crt'}",
-                f"--token-auth-file={self.state_dir / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
-                "--anonymous-auth=false",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
-                # No controller-manager runs: ServiceAccount admission would reject every Pod
-                # for lack of a `default` ServiceAccount.
-                "--disable-admission-plugins=ServiceAccount",
-                # The `kubernetes` Service endpoint reconciler refuses a loopback address.
-                "--endpoint-reconciler-type=none",
-                "--enable-priority-and-fairness=false",
-                "--profiling=false",
-            ],
-        )
+        self._apiserver = self._spawn("kube-apiserver", self.apiserver_args())
         self._wait("kube-apiserver", self._apiserver, self._apiserver_ready, timeout)
         self.apiserver_start_seconds = time.monotonic() - started
+
+    def apiserver_args(self) -> list[str]:
+        pki = self.state_dir / "pki"
+        return [
+            f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+            f"--bind-address={self.host}",
+            f"--advertise-address={self.host}",
+            f"--secure-port={self.port}",
+            f"--tls-cert-file={pki / 'server.crt'}",
+            f"--tls-private-key-file={pki / 'server.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={self.state_dir / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            "--anonymous-auth=false",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+            # No controller-manager runs: ServiceAccount admission would reject every Pod
+            # for lack of a `default` ServiceAccount.
+            "--disable-admission-plugins=ServiceAccount",
+            # The `kubernetes` Service endpoint reconciler refuses a loopback address.
+            "--endpoint-reconciler-type=none",
+            "--enable-priority-and-fairness=false",
+            "--profiling=false",
+        ]
 
     def ensure_running(self) -> None:
         """Restart whatever a previous test left stopped (no-op when both are up)."""
@@ -506,7 +513,7 @@ class Cluster:
             "Content-Type": content_type,
         }
         conn = http.client.HTTPSConnection(
-            "127.0.0.1", self.port, timeout=timeout, context=self.ssl_context()
+            self.host, self.port, timeout=timeout, context=self.ssl_context()
         )
         try:
             conn.request(method, path, None if body is None else json.dumps(body), headers)

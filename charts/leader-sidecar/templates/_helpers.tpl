@@ -185,6 +185,14 @@ env:
     valueFrom:
       fieldRef:
         fieldPath: metadata.uid
+  # The pod's revision (a Deployment's ReplicaSet label; empty for other workloads) and whether
+  # a leader hands over to a ready replica of a newer revision during a rollout.
+  - name: POD_TEMPLATE_HASH
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.labels['pod-template-hash']
+  - name: LEADER_SIDECAR_ROLLOUT_AWARE
+    value: {{ $v.rolloutAware | toString | quote }}
   {{- with $v.extraEnv }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

@@ -1,0 +1,60 @@
+"""Fixtures for the pod-level tests on a one-node cluster (tests/kube/node.py).
+
+The node is built and started once per session (cold: binaries and images take a while, cached
+afterwards). A machine that cannot run it fails these tests with the reason in one line: they are
+never skipped silently. `-m "not node"` leaves them out on purpose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kube import helm
+from tests.kube.node import Node, NodeError, build, preflight
+from tests.node.kube import FIGURES, Kube
+
+_build_error: list[str] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kube_node" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.node)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Build before the first test: a cold build would otherwise count against its timeout.
+    if any("kube_node" in getattr(item, "fixturenames", ()) for item in session.items):
+        try:
+            preflight()
+            build()
+            helm.build()
+        except Exception as e:  # reported by the fixture, as each test's error
+            _build_error.append(f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+@pytest.fixture(scope="session")
+def kube_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    if _build_error:
+        pytest.fail(f"the one-node cluster cannot start here: {_build_error[0]}", pytrace=False)
+    node = Node()
+    try:
+        node.start()
+    except (NodeError, RuntimeError, OSError) as e:
+        pytest.fail(f"the one-node cluster did not start: {str(e).splitlines()[0]}", pytrace=False)
+    try:
+        home = tmp_path_factory.mktemp("helm")
+        charts = helm.prepare_charts(home)
+        yield Kube(node, charts, Path(home))
+    finally:
+        node.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.write_sep("-", "measured on the one-node cluster")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")
