@@ -260,6 +260,11 @@ def test_the_toggle_on_adds_a_native_sidecar_and_its_rbac(
     assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}  # for --events
+    # Rollout awareness: the pod's revision, and the switch (chart value rolloutAware, on).
+    assert env["POD_TEMPLATE_HASH"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['pod-template-hash']"}
+    }
+    assert env["LEADER_SIDECAR_ROLLOUT_AWARE"] == "true"
 
     security = sidecar["securityContext"]
     assert security["runAsNonRoot"] is True and security["runAsUser"] > 0

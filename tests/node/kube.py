@@ -13,12 +13,13 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.kube import helm
-from tests.kube.leasewatch import LeaseWatch
+from tests.kube.leasewatch import LeaseWatch, changes_between
 from tests.kube.node import Node
 
 Json = dict[str, Any]
@@ -278,3 +279,53 @@ def ready_poller(netns_pid: int, port: int = 4040) -> Iterator[subprocess.Popen[
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+RELEASE = "shop"
+
+
+@dataclass
+class App:
+    ns: str
+    deployment: str
+    selector: str
+    lease: str
+
+    def pods(self, kube: Kube) -> list[Json]:
+        return kube.running_pods(self.ns, self.selector)
+
+    def leader_pod(self, kube: Kube) -> Json:
+        holder = kube.holder(self.ns, self.lease)
+        (pod,) = [p for p in self.pods(kube) if p["metadata"]["name"] == holder]
+        return pod
+
+
+def install_app(kube: Kube, ns: str, replicas: int = 3, **values: object) -> App:
+    """charts/example-app with leader election on (`values`: the library's settings)."""
+    kube.install(RELEASE, ns, kube.example_values(replicas, **values))
+    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=example-app"
+    pods = kube.wait_ready(ns, selector, replicas)
+    lease = pods[0]["metadata"]["annotations"]["leader-sidecar.io/lease"]
+    names = {p["metadata"]["name"] for p in pods}
+    wait("a leader", lambda: kube.holder(ns, lease) in names, timeout=30)
+    return App(ns, f"{RELEASE}-example-app", selector, lease)
+
+
+def measure_rollout(kube: Kube, app: App, timeout: float = 240.0) -> tuple[int, list[float]]:
+    """One `kubectl rollout restart` as an independent watch on the Lease sees it: leadership
+    changes and each leaderless gap (seconds)."""
+    with kube.watch_lease(app.ns, app.lease) as watch:
+        time.sleep(0.5)
+        start = time.monotonic()
+        kube.rollout_restart(app.ns, app.deployment)
+        wait(
+            "the rollout",
+            lambda: kube.rollout_done(app.ns, app.deployment, app.selector),
+            timeout,
+            every=0.5,
+        )
+        new = {p["metadata"]["name"] for p in kube.pods(app.ns, app.selector)}
+        wait("a leader among the new pods", lambda: kube.holder(app.ns, app.lease) in new, 60)
+        time.sleep(1)
+        c = changes_between(list(watch.events), start, time.monotonic())
+    return c.changes, c.leaderless

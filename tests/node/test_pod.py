@@ -13,19 +13,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sidecar.cli import OPTIONS
 from tests.kube import images
-from tests.kube.leasewatch import changes_between
 from tests.node.kube import (
     FIGURES,
+    RELEASE,
+    App,
     Json,
     Kube,
+    install_app,
     is_ready,
+    measure_rollout,
     proc_start_boottime,
     ready_poller,
     rss_bytes,
@@ -34,44 +36,13 @@ from tests.node.kube import (
 )
 
 LEASE_DURATION = 6.0  # seconds; renew deadline 4 s, retry period 0.8 s (the chart derives them)
-RELEASE = "shop"
-
-
-@dataclass
-class App:
-    ns: str
-    deployment: str
-    selector: str
-    lease: str
-
-    def pods(self, kube: Kube) -> list[Json]:
-        return kube.running_pods(self.ns, self.selector)
-
-    def leader_pod(self, kube: Kube) -> Json:
-        holder = kube.holder(self.ns, self.lease)
-        (pod,) = [p for p in self.pods(kube) if p["metadata"]["name"] == holder]
-        return pod
-
-
-def install_app(kube: Kube, ns: str, replicas: int = 3, **values: object) -> App:
-    kube.install(
-        RELEASE,
-        ns,
-        kube.example_values(replicas, leaseDuration=f"{LEASE_DURATION:.0f}s", **values),
-    )
-    selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/name=example-app"
-    pods = kube.wait_ready(ns, selector, replicas)
-    lease = pods[0]["metadata"]["annotations"]["leader-sidecar.io/lease"]
-    names = {p["metadata"]["name"] for p in pods}
-    wait("a leader", lambda: kube.holder(ns, lease) in names, timeout=30)
-    return App(ns, f"{RELEASE}-example-app", selector, lease)
 
 
 @pytest.fixture(scope="module")
 def shop(kube_node: Kube) -> Iterator[App]:
     """The example app with leader election on, 3 replicas, the pod label for a Service."""
     with kube_node.namespace("shop") as ns:
-        yield install_app(kube_node, ns, labelPod=True)
+        yield install_app(kube_node, ns, leaseDuration=f"{LEASE_DURATION:.0f}s", labelPod=True)
 
 
 def app_states(kube: Kube, app: App, pod: str) -> list[Json]:
@@ -265,26 +236,6 @@ def test_killing_the_sidecar_process_restarts_it_and_never_makes_a_second_leader
 
 def rollout_rule_available() -> bool:
     return any(o.flag == "--rollout-aware" for o in OPTIONS)
-
-
-def measure_rollout(kube: Kube, app: App, timeout: float = 240.0) -> tuple[int, list[float]]:
-    """One `kubectl rollout restart` as an independent watch on the Lease sees it: leadership
-    changes and each leaderless gap (seconds)."""
-    with kube.watch_lease(app.ns, app.lease) as watch:
-        time.sleep(0.5)
-        start = time.monotonic()
-        kube.rollout_restart(app.ns, app.deployment)
-        wait(
-            "the rollout",
-            lambda: kube.rollout_done(app.ns, app.deployment, app.selector),
-            timeout,
-            every=0.5,
-        )
-        new = {p["metadata"]["name"] for p in kube.pods(app.ns, app.selector)}
-        wait("a leader among the new pods", lambda: kube.holder(app.ns, app.lease) in new, 60)
-        time.sleep(1)
-        c = changes_between(list(watch.events), start, time.monotonic())
-    return c.changes, c.leaderless
 
 
 @pytest.mark.timeout(900)
