@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(measure_rollout(kube, app))
                     print(f"{system} rollout {i + 1}: {runs[-1]}", file=sys.stderr, flush=True)
                 results[system] = summarize(runs)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     ls, go = results["leader-sidecar"], results["client-go"]
     print(
         "| metric | leader-sidecar | client-go |\n|---|---|---|\n"

@@ -164,14 +164,28 @@ def _bud(ref: str, context: Path, containerfile: Path, *extra: str) -> None:
 
 def archive(ref: str) -> Path:
     """The image as a docker archive (what `ctr images import` reads), cached next to it."""
-    out = cache_root() / "images" / f"{_hash(ref, image_id(ref))}.tar"
+    repo = ref.rpartition(":")[0].rpartition("/")[2]
+    out = cache_root() / "images" / f"{repo}-{_hash(ref, image_id(ref))}.tar"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+        # One archive per image name: the previous builds' go (each is hundreds of MB).
+        for old in out.parent.glob(f"{repo}-*.tar"):
+            old.unlink()
         tmp = out.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
         buildah("push", "--quiet", ref, f"docker-archive:{tmp}:{ref}")
         tmp.rename(out)
     return out
+
+
+def _prune(ref: str) -> None:
+    """Remove the other tags of `ref`'s repository from buildah's storage (old builds)."""
+    repo = ref.rpartition(":")[0]
+    listing = buildah("images", "--format", "{{.Name}}:{{.Tag}}", capture=True)
+    for other in set(listing.split()):
+        if other.rpartition(":")[0] == repo and other != ref:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                buildah("rmi", "--force", other, capture=True)
 
 
 # --------------------------------------------------------------------------- images
@@ -264,6 +278,7 @@ def build_sidecar() -> str:
     log(f"building {ref} from the Dockerfile")
     _bud(ref, ROOT, ROOT / "Dockerfile", "--build-arg", f"PYTHON_IMAGE={base}")
     log(f"sidecar image built in {time.monotonic() - start:.0f}s")
+    _prune(ref)
     return ref
 
 

@@ -594,14 +594,20 @@ def _kill(pid: int, exe: str | None, sig: int = signal.SIGTERM, wait: float = 10
         os.killpg(pid, signal.SIGKILL)
 
 
+def _cgroup_dirs(root: Path) -> list[Path]:
+    """`root` and every cgroup below it, deepest first (cgroups vanish while we look: fine)."""
+    out = []
+    for parent, _, _ in os.walk(root, onerror=lambda e: None):
+        out.append(Path(parent))
+    return sorted(out, key=lambda p: len(p.parts), reverse=True)
+
+
 def _cgroup_pids() -> set[int]:
     pids: set[int] = set()
     for hierarchy in _cgroup_hierarchies():
-        root = hierarchy / CGROUP_ROOT
-        if root.is_dir():
-            for procs in root.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    pids.update(int(x) for x in procs.read_text().split())
+        for d in _cgroup_dirs(hierarchy / CGROUP_ROOT):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(x) for x in (d / "cgroup.procs").read_text().split())
     return pids
 
 
@@ -687,13 +693,9 @@ def down(state_dir: Path, remove_dir: bool = True) -> None:
                     _run("nft", "delete", "chain", family, table, chain, check=False)
     # 6. cgroups, deepest first.
     for hierarchy in _cgroup_hierarchies():
-        root = hierarchy / CGROUP_ROOT
-        if root.is_dir():
-            for d in sorted((p for p in root.rglob("*") if p.is_dir()), reverse=True):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        for d in _cgroup_dirs(hierarchy / CGROUP_ROOT):
             with contextlib.suppress(OSError):
-                root.rmdir()
+                d.rmdir()
     # 7. mounts below the state dir (kubelet volumes, container root filesystems, shm).
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     for m in sorted((m for m in mounts if m.startswith(f"{state_dir}/")), reverse=True):
@@ -709,7 +711,13 @@ def down(state_dir: Path, remove_dir: bool = True) -> None:
     # make on the host when they are left empty.
     for cached in Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"):
         cached.unlink(missing_ok=True)
-    for folder in ("/var/lib/cni/results", "/var/lib/cni", "/run/containerd/s", "/run/containerd"):
+    for folder in (
+        "/var/lib/cni/results",
+        "/var/lib/cni",
+        "/run/containerd/s",
+        "/run/containerd",
+        "/run/netns",
+    ):
         with contextlib.suppress(OSError):
             Path(folder).rmdir()
     for entry in NODE_ENTRIES:
