@@ -737,6 +737,37 @@ def down(state_dir: Path, remove_dir: bool = True) -> None:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+def leftovers(state_dir: Path, nft_before: str | None = None) -> list[str]:
+    """What a node in `state_dir` left on the host (empty after a clean `down`)."""
+    state_dir = state_dir.resolve()
+    found = []
+    if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+        found.append(f"bridge {BRIDGE}")
+    if SERVICE_RANGE in _run("ip", "route", "show", SERVICE_RANGE, check=False).stdout:
+        found.append(f"route {SERVICE_RANGE}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if f" {state_dir}/" in mounts:
+        found.append(f"mounts below {state_dir}")
+    found += [
+        f"cgroup {h / CGROUP_ROOT}" for h in _cgroup_hierarchies() if (h / CGROUP_ROOT).exists()
+    ]
+    tables = _run("nft", "list", "tables", check=False).stdout
+    if nft_before is not None:
+        found += [f"nft {t}" for t in tables.splitlines() if t.strip() and t not in nft_before]
+    elif "kube-proxy" in tables:
+        found.append("nft table kube-proxy")
+    netns = Path("/run/netns")
+    if netns.is_dir():
+        for ns in netns.iterdir():
+            out = _run("ip", "-n", ns.name, "-4", "-o", "addr", check=False).stdout
+            if any(
+                _in_pod_subnet(w.split("/")[0]) for w in out.split() if w[:1].isdigit() and "/" in w
+            ):
+                found.append(f"network namespace {ns.name}")
+    found += [f"process {pid}" for pid in _cgroup_pids()]
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -766,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         down(args.dir, remove_dir=False)
+        if left := leftovers(args.dir):
+            print(f"node: left behind: {', '.join(left)}", file=sys.stderr)
+            return 1
     return 0
 
 

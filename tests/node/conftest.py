@@ -7,13 +7,14 @@ never skipped silently. `-m "not node"` leaves them out on purpose.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.kube import helm
-from tests.kube.node import Node, NodeError, build, preflight
+from tests.kube.node import Node, NodeError, build, leftovers, preflight
 from tests.node.kube import FIGURES, Kube
 
 _build_error: list[str] = []
@@ -41,6 +42,7 @@ def kube_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     if _build_error:
         pytest.fail(f"the one-node cluster cannot start here: {_build_error[0]}", pytrace=False)
     node = Node()
+    nft_before = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     try:
         node.start()
     except (NodeError, RuntimeError, OSError) as e:
@@ -51,6 +53,9 @@ def kube_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
         yield Kube(node, charts, Path(home))
     finally:
         node.close()
+        # `down` undoes everything the node did to the host.
+        left = leftovers(node.state_dir, nft_before)
+        assert not left, f"the node left behind: {left}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
