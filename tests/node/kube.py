@@ -307,7 +307,8 @@ def install_app(kube: Kube, ns: str, replicas: int = 3, **values: object) -> App
     pods = kube.wait_ready(ns, selector, replicas)
     lease = pods[0]["metadata"]["annotations"]["leader-sidecar.io/lease"]
     names = {p["metadata"]["name"] for p in pods}
-    wait("a leader", lambda: kube.holder(ns, lease) in names, timeout=30)
+    # (A new election's first leader may wait out one lease duration: 15 s by default.)
+    wait("a leader", lambda: kube.holder(ns, lease) in names, timeout=60)
     return App(ns, f"{RELEASE}-example-app", selector, lease)
 
 
