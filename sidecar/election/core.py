@@ -46,14 +46,22 @@ exists to keep one of those premises true:
   current record and restart their expiry count when the content changes: a stale event only
   delays them, and their writes are compare-and-swap. A leader never steps down on a watch event
   alone: an event that contradicts its term makes it re-read, and only that answer decides.
-- Deletion. A deleted Lease loses its history, and the holder may be acting on a write we never
-  saw. After seeing the record absent, a replica waits one lease duration (the longest it knows)
-  on its own clock before creating it -- also at first start, when it cannot tell "never
-  existed" from "deleted a moment ago". The leader itself re-creates its record at once with its
-  own term. A creation continues `leaseTransitions` from the largest value this replica saw, so
-  tokens keep growing across a deletion the replica saw (one it did not see cannot be known).
+- Creation. A deleted Lease loses its history: its holder may still act on a write nobody can
+  see any more, and a replica whose watch was blind cannot even know there was one. So a replica
+  that wins by *creating* the record claims nothing until one lease duration (the longest it
+  knows) has passed on its clock since the create's answer; meanwhile it holds and renews the
+  record, so others see a holder. Any deleted holder's last write came before that create was
+  applied, so its claim ended before ours starts, by the same inequality -- whatever anyone saw.
+  The same holds at first start (it cannot tell "never existed" from "deleted a moment ago"):
+  the first leader of a new Lease leads one lease duration after creating it. The leader itself
+  re-creates its deleted record at once with its own term (its claim rests on its own writes);
+  followers give it one retry period to do so. A creation continues `leaseTransitions` from the
+  largest value this replica saw: tokens grow for as long as the Lease object lives, and across
+  a deletion the creator saw (one it did not see cannot be known).
 - Release. The leader stops claiming and tells its app (and waits for the hook that does so)
-  before it writes the release; a released record (no holder) is free at once. After resigning,
+  before it writes the release; a released record (no holder) is free at once. A replica still
+  in its creation wait never releases (that would cut the wait short for everyone): its record
+  lapses instead. After resigning,
   a replica sits out one lease duration so that another wins.
 - Lost answers. A write whose outcome is unknown (timeout, 5xx, dropped connection) may have
   landed. It never extends a claim by itself; the next fresh read shows whether it landed, and
@@ -288,6 +296,7 @@ class _Sent:
     record: LeaderRecord
     purpose: Purpose
     sent_at: float
+    created: bool = False
 
 
 class _Step(enum.Enum):
@@ -308,6 +317,7 @@ class ElectionCore:
         self._have_view = False
         self._changed_at = 0.0  # local time the record's content last changed, as seen here
         self._absent_since: float | None = None  # local time we first saw it absent
+        self._claim_not_before = 0.0  # after a create: no claim before this (see Creation)
         self._longest_duration = timings.lease_duration
         self._highest_transitions = -1
         self._watch_healthy = False
@@ -398,8 +408,12 @@ class ElectionCore:
             if isinstance(event, Resign):
                 out.append(Resigned(led=False, released=False))
             return out
+        # A deadline that passed ends the term before anything else is applied: a renewal
+        # answered after it cannot revive the claim (a gap always starts a new term).
+        self._expire(now, out)
         self._apply(event, now, out)
         self._expire(now, out)
+        self._maybe_announce(now, out)
         self._decide(now, wall, out)
         self._publish_if_changed(now, out)
         self._wake_at = self._next_wake(now)
@@ -570,6 +584,15 @@ class ElectionCore:
             return
         if sent.purpose is Purpose.ACQUIRE:
             self._term = _Term.of(sent.record)
+            if sent.created:
+                self._claim_not_before = max(self._claim_not_before, now + self._longest_duration)
+                out.append(
+                    Log(
+                        "info",
+                        "created the Lease: leading once one lease duration has passed",
+                        (("seconds", self._longest_duration),),
+                    )
+                )
             self._leading = True
             self._announced = False
             self._last_renew = sent.sent_at
@@ -581,10 +604,6 @@ class ElectionCore:
                 # Won too late to claim anything: an ended term of ours, which we may take
                 # again at once (nobody else acts on it).
                 self._leading = False
-            else:
-                self._hook_ids += 1
-                self._becoming_hook = self._hook_ids
-                out.append(RunHook(HookKind.BECOMING_LEADER, self._hook_ids, self._valid_until))
             return
         # RENEW or RECREATE: the term goes on.
         if not self._leading or self._term != _Term.of(sent.record):
@@ -648,10 +667,26 @@ class ElectionCore:
         if self._record is None:
             if self._absent_since is None:
                 return None
-            return self._absent_since + self._longest_duration
+            # Give a live leader one retry period to put its record back.
+            return self._absent_since + self.timings.retry_period * 1.2
         if not self._held(now):
             return now
         return self._changed_at + _duration(self._record.record, self.timings)
+
+    def _maybe_announce(self, now: float, out: list[Action]) -> None:
+        """A won term is told to the app once the becoming-leader hook ran (and, after a
+        create, once the creation wait is over)."""
+        if (
+            self._leading
+            and not self._announced
+            and self._becoming_hook is None
+            and self._stepping is None
+            and now >= self._claim_not_before
+            and now < self._valid_until
+        ):
+            self._hook_ids += 1
+            self._becoming_hook = self._hook_ids
+            out.append(RunHook(HookKind.BECOMING_LEADER, self._hook_ids, self._valid_until))
 
     def _expire(self, now: float, out: list[Action]) -> None:
         if self._leading and self._stepping is None and now >= self._valid_until:
@@ -744,6 +779,11 @@ class ElectionCore:
             self._term = None
             self._finish_release(False, "another holder took the Lease", out)
             return
+        if now < self._claim_not_before:
+            # Still in the creation wait: a release would let others lead while a deleted
+            # holder may still act. The record lapses on its own instead.
+            self._finish_release(False, "the Lease was created moments ago; it lapses instead", out)
+            return
         released = record.released(wall)
         self._send(
             Update(released, self._record.version, self._request_timeout(), Purpose.RELEASE),
@@ -824,7 +864,7 @@ class ElectionCore:
     def _send(
         self, action: Create | Update, record: LeaderRecord, now: float, out: list[Action]
     ) -> None:
-        self._in_flight = _Sent(record, action.purpose, now)
+        self._in_flight = _Sent(record, action.purpose, now, isinstance(action, Create))
         self._sent_times.append(now)
         out.append(action)
 
@@ -851,8 +891,10 @@ class ElectionCore:
         if self._done:
             return None
         times: list[float] = []
-        if self._leading:
+        if self._leading and self._stepping is None:
             times.append(self._valid_until)
+            if not self._announced and self._becoming_hook is None:
+                times.append(self._claim_not_before)
         if self._published is not None and self._published.role is Role.FOLLOWER:
             record = self._record.record if self._record else None
             if record is not None and record.holder_identity and self._held(now):
@@ -861,7 +903,9 @@ class ElectionCore:
             wanted = self._wanted_request_time(now)
             if wanted is not None:
                 times.append(max(wanted, self._not_before, self._budget_free_at(now)))
-        return min(times) if times else None
+        # This step already decided everything due by now: only a later time can change that.
+        future = [t for t in times if t > now]
+        return min(future) if future else None
 
     def _wanted_request_time(self, now: float) -> float | None:
         """When the next request would be sent if nothing else happened."""
