@@ -367,7 +367,7 @@ class World:
         self.at(there, arrive)
 
     def _latency(self) -> float:
-        base = self.rng.expovariate(1 / 0.003)
+        base = 0.0002 + min(self.rng.expovariate(1 / 0.003), 0.1)  # a healthy network
         if self.faulty("errors", 0.05) or self.faulty("lost_answers", 0.05):
             base += self.rng.uniform(0.05, 1.5)
         return base
@@ -453,7 +453,7 @@ class World:
         rng = self.rng
         t = 0.0
         while True:
-            t += rng.expovariate(1 / 0.7)
+            t += 0.05 + rng.expovariate(1 / 0.7)
             if t >= self.fault_until:
                 break
             self.at(t, self._random_fault)
@@ -605,7 +605,8 @@ class Result:
     faults: tuple[str, ...]
     leaders: int
     writes: int
-    first_quiet_leader: float | None  # seconds after the faults stopped
+    first_quiet_leader: float  # seconds after the faults stopped
+    trace: list[str]  # with trace=True: every step, for reading
 
 
 def simulate(
@@ -645,14 +646,5 @@ def simulate(
         len(world.claims),
         len(world.store.writes),
         first - fault_seconds,
+        world.trace,
     )
-
-
-def replay(seed: int, **options: Any) -> list[str]:
-    """The trace of one seed, for a failure report."""
-    world_trace: list[str] = []
-    try:
-        simulate(seed, trace=True, **options)
-    except Violation as exc:
-        world_trace.append(str(exc))
-    return world_trace

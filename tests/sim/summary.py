@@ -1,0 +1,3 @@
+"""Lines the simulation tests want printed after the run (see conftest.py)."""
+
+LINES: list[str] = []
