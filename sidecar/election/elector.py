@@ -92,7 +92,7 @@ class Resignation:
     """What `resign()` did: whether this replica led, and whether its release was written."""
 
     led: bool
-    released: bool
+    released: bool = False
     error: str | None = None
 
 

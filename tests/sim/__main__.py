@@ -17,9 +17,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.replay is not None:
         try:
-            result = simulate(args.replay, trace=True)
-            print("\n".join(result.trace))
-            print(f"seed {args.replay}: no violation; faults {', '.join(result.faults)}")
+            replayed = simulate(args.replay, trace=True)
+            print("\n".join(replayed.trace))
+            print(f"seed {args.replay}: no violation; faults {', '.join(replayed.faults)}")
         except Violation as exc:
             print(exc)
             return 1

@@ -74,13 +74,14 @@ async def test_a_helper_that_dies_releases_the_lease_and_exits_1(
 async def test_a_crashed_election_loop_releases_the_lease_and_exits_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lead_once: Callable[[Elector], Any] = Elector._lead_once
+    feed: Callable[[Elector, Any], None] = Elector._feed
 
-    async def crashing(self: Elector) -> None:
-        await lead_once(self)
-        raise AssertionError("a bug in the election loop")
+    def crashing(self: Elector, event: Any) -> None:
+        feed(self, event)
+        if self.is_leader:  # a bug while leading
+            raise AssertionError("a bug in the election loop")
 
-    monkeypatch.setattr(Elector, "_lead_once", crashing)
+    monkeypatch.setattr(Elector, "_feed", crashing)
     with structlog.testing.capture_logs() as logs:
         code = await app._main(settings(tmp_path))
     assert code == 1
