@@ -333,7 +333,8 @@ class ElectionCore:
         self._in_flight: _Sent | bool = False  # a _Sent write, True for a read
         self._unconfirmed: _Sent | None = None  # a write whose answer was lost
         self._need_read = False
-        self._not_before = 0.0  # back-off, Retry-After, after-conflict pause
+        self._not_before = 0.0  # back-off and Retry-After: no request before
+        self._write_not_before = 0.0  # after losing a race: no acquisition before
         self._failures = 0
         self._sent_times: deque[float] = deque()
         self._next_poll = 0.0
@@ -563,9 +564,7 @@ class ElectionCore:
             # another write of the same kind waits a jittered retry period.
             self._need_read = True
             if sent.purpose is Purpose.ACQUIRE:
-                self._not_before = max(
-                    self._not_before, now + self._jittered(self.timings.retry_period)
-                )
+                self._write_not_before = now + self._jittered(self.timings.retry_period)
             out.append(
                 Log("debug", f"{sent.purpose.value} conflict", (("outcome", answer.outcome.value),))
             )
@@ -817,7 +816,7 @@ class ElectionCore:
             self._next_poll = now + self._jittered(self.timings.retry_period)
             self._send_read(now, out)
             return
-        if not self._eligible or now < self._sit_out_until:
+        if not self._eligible or now < max(self._sit_out_until, self._write_not_before):
             return
         free_at = self._free_at(now)
         if free_at is None or now < free_at:
@@ -915,13 +914,15 @@ class ElectionCore:
             return now
         if self._leading:
             return self._last_renew + self.timings.retry_period
+        if not self._have_view:
+            return now
         times: list[float] = []
         if not self._watch_healthy:
             times.append(self._next_poll)
         if self._eligible:
             free_at = self._free_at(now)
             if free_at is not None:
-                times.append(max(free_at, self._sit_out_until))
+                times.append(max(free_at, self._sit_out_until, self._write_not_before))
         return min(times) if times else None
 
     def _budget_free_at(self, now: float) -> float:
