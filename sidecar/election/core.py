@@ -387,6 +387,9 @@ class ElectionCore:
             )
         if self._error is not None or not self._have_view:
             role, leader, token = Role.UNKNOWN, "", None
+        elif self._leading:
+            # Won but not told yet (hook running, creation wait): nobody may act as leader.
+            role, leader, token = Role.FOLLOWER, "", None
         else:
             held = self._held(now)
             role = Role.FOLLOWER
