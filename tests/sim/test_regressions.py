@@ -21,22 +21,22 @@ EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 class Script:
     identity: str = "a"
     now: float = 100.0
-    core: ElectionCore = field(init=False)
+    machine: ElectionCore = field(init=False)
     actions: list[core.Action] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.core = ElectionCore(self.identity, T)
+        self.machine = ElectionCore(self.identity, T)
 
     def step(self, event: core.Event, after: float = 0.0) -> list[core.Action]:
         self.now += after
-        out = self.core.step(event, self.now, EPOCH + timedelta(seconds=self.now))
+        out = self.machine.step(event, self.now, EPOCH + timedelta(seconds=self.now))
         self.actions.extend(out)
         return out
 
     def tick_until(self, until: float) -> list[core.Action]:
         """Ticks at every wake-up the core asks for, up to `until` (local time)."""
         out: list[core.Action] = []
-        while (wake := self.core.wake_at) is not None and wake <= until:
+        while (wake := self.machine.wake_at) is not None and wake <= until:
             self.now = wake
             out += self.step(core.Tick())
         self.now = max(self.now, until)
@@ -61,7 +61,7 @@ class Script:
         out = self.step(Answer(Outcome.OK, won), after=0.01)
         (hook,) = [a for a in out if isinstance(a, core.RunHook)]
         self.step(core.HookDone(hook.hook_id), after=0.01)
-        assert self.core.is_leader(self.now)
+        assert self.machine.is_leader(self.now)
         return won
 
 
@@ -84,7 +84,7 @@ def test_1_a_failed_renewal_then_an_intruder_never_renews_the_intruders_record()
     (read,) = s.requests(out)
     assert isinstance(read, core.Read)  # it reads before it writes again
     out = s.step(Answer(Outcome.OK, taken), after=0.01)
-    assert not s.core.is_leader(s.now)
+    assert not s.machine.is_leader(s.now)
     assert any(isinstance(a, core.Lost) for a in out)
     s.tick_until(s.now + 30)
     assert all(w.holder_identity in ("a", "") for w in s.writes())
@@ -103,14 +103,14 @@ def test_2_a_lease_deleted_under_a_quiet_watch_is_put_back_by_its_leader() -> No
     assert isinstance(create, core.Create) and create.purpose is Purpose.RECREATE
     assert create.record.holder_identity == "a" and create.record.lease_transitions == 4
     s.step(Answer(Outcome.OK, VersionedRecord(create.record, "w1")), after=0.01)
-    assert s.core.is_leader(s.now)  # the same term goes on
+    assert s.machine.is_leader(s.now)  # the same term goes on
 
 
 def test_3_an_unexpected_answer_is_an_error_that_is_retried_not_a_crash() -> None:
     s = Script()
     s.step(core.Start())
     out = s.step(Answer(Outcome.UNKNOWN, error="200 text/html: <html>sign in</html>"))
-    view = s.core.view(s.now)
+    view = s.machine.view(s.now)
     assert view.role is core.Role.UNKNOWN and view.error is not None and "html" in view.error
     out = s.tick_until(s.now + T.retry_period)
     assert any(isinstance(a, core.Read) for a in out)  # retried with back-off
@@ -132,7 +132,7 @@ def test_4_rewound_versions_are_just_versions_and_conflicts_back_off() -> None:
     out = s.step(Answer(Outcome.OK, VersionedRecord(renewals[0].record, "13")), after=0.01)
     out += s.tick_until(s.now + T.retry_period)
     assert any(isinstance(a, core.Update) and a.version == "13" for a in out)
-    assert s.core.is_leader(s.now)
+    assert s.machine.is_leader(s.now)
 
 
 def test_4_a_candidate_that_loses_a_race_waits_a_retry_period_before_writing_again() -> None:
@@ -247,7 +247,7 @@ def test_a_created_lease_is_led_only_after_one_lease_duration() -> None:
                 s.step(Answer(Outcome.OK, VersionedRecord(action.record, f"v{s.now}")))
             if isinstance(action, core.RunHook):
                 s.step(core.HookDone(action.hook_id))
-        if s.core.is_leader(s.now):
+        if s.machine.is_leader(s.now):
             leading_at = s.now
             break
     assert leading_at is not None and leading_at - created_at >= T.lease_duration
