@@ -46,7 +46,9 @@ def test_a_peer_holding_the_flock_does_not_freeze_the_http_api(
         assert all(s.proc.poll() is None for s in group)
     finally:
         os.close(fd)
-    assert slowest < 0.1, f"GET /leader took {slowest * 1000:.0f} ms while the flock was held"
+    # A blocking flock froze the API for as long as it was held (seconds); 1 s leaves room for a
+    # loaded machine without hiding that.
+    assert slowest < 1.0, f"GET /leader took {slowest * 1000:.0f} ms while the flock was held"
     wait_one_leader(group, timeout=10)
 
 
