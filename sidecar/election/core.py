@@ -87,6 +87,8 @@ from sidecar.election.record import LeaderRecord, VersionedRecord
 # Requests (reads and writes, not the watch) a replica may send in any window of one retry
 # period, measured on its own clock. Normal: one renewal, or one acquisition plus a read.
 MAX_REQUESTS_PER_RETRY_PERIOD = 5
+# During a rollout, how long outdated replicas leave a free Lease to the newer ones.
+ROLLOUT_DEFER_PERIODS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +168,29 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class SetOutdated:
+    """A rollout: a ready replica of a newer revision exists, and this one is not of it.
+
+    An outdated leader hands over (tells its app, releases); an outdated follower leaves a free
+    Lease to the newer replicas for `ROLLOUT_DEFER_PERIODS` retry periods. This changes only
+    when leadership moves, never what keeps it safe.
+    """
+
+    outdated: bool
+
+
 Event = (
-    Start | Tick | WatchEvent | WatchHealth | Answer | HookDone | Resign | SetEligible | Shutdown
+    Start
+    | Tick
+    | WatchEvent
+    | WatchHealth
+    | Answer
+    | HookDone
+    | Resign
+    | SetEligible
+    | Shutdown
+    | SetOutdated
 )
 
 
@@ -341,6 +364,7 @@ class ElectionCore:
         # Control.
         self._started = False
         self._eligible = True
+        self._outdated = False
         self._app_health: str | None = None
         self._sit_out_until = 0.0
         self._stepping: _Step | None = None  # a voluntary step-down in progress
@@ -457,6 +481,12 @@ class ElectionCore:
                 self._app_health = app_health
                 if not eligible and self._leading and self._stepping is None:
                     self._begin_step_down("the app is unhealthy", now, out)
+            case SetOutdated(outdated):
+                if outdated != self._outdated:
+                    out.append(Log("info", "rollout", (("outdated", outdated),)))
+                self._outdated = outdated
+                if outdated and self._leading and self._stepping is None:
+                    self._begin_step_down("a replica of a newer revision is ready", now, out)
             case Shutdown():
                 self._shutting_down = True
                 if self._leading and self._stepping is None:
@@ -671,9 +701,19 @@ class ElectionCore:
                 return None
             # Give a live leader one retry period to put its record back.
             return self._absent_since + self.timings.retry_period * 1.2
-        if not self._held(now):
-            return now
-        return self._changed_at + _duration(self._record.record, self.timings)
+        record = self._record.record
+        if not record.holder_identity or (self._is_ours(record) and not self._leading):
+            return self._changed_at  # released, or our own ended term
+        return self._changed_at + _duration(record, self.timings)
+
+    def _acquire_at(self, now: float) -> float | None:
+        """When this replica will try to take the Lease, if nothing changes."""
+        free_at = self._free_at(now)
+        if free_at is None:
+            return None
+        if self._outdated:  # a rollout: newer replicas first
+            free_at += ROLLOUT_DEFER_PERIODS * self.timings.retry_period
+        return max(free_at, self._sit_out_until, self._write_not_before)
 
     def _maybe_announce(self, now: float, out: list[Action]) -> None:
         """A won term is told to the app once the becoming-leader hook ran (and, after a
@@ -819,10 +859,8 @@ class ElectionCore:
             self._next_poll = now + self._jittered(self.timings.retry_period)
             self._send_read(now, out)
             return
-        if not self._eligible or now < max(self._sit_out_until, self._write_not_before):
-            return
-        free_at = self._free_at(now)
-        if free_at is None or now < free_at:
+        acquire_at = self._acquire_at(now)
+        if not self._eligible or acquire_at is None or now < acquire_at:
             return
         # Tokens keep growing: past the largest leaseTransitions ever seen here.
         transitions = self._highest_transitions + 1
@@ -923,9 +961,9 @@ class ElectionCore:
         if not self._watch_healthy:
             times.append(self._next_poll)
         if self._eligible:
-            free_at = self._free_at(now)
-            if free_at is not None:
-                times.append(max(free_at, self._sit_out_until, self._write_not_before))
+            acquire_at = self._acquire_at(now)
+            if acquire_at is not None:
+                times.append(acquire_at)
         return min(times) if times else None
 
     def _budget_free_at(self, now: float) -> float:

@@ -152,6 +152,10 @@ class Elector:
         """Join the race (or leave it, resigning if leading) as the app's health changes."""
         self._events.put_nowait(core.SetEligible(eligible, app_health))
 
+    def set_outdated(self, outdated: bool) -> None:
+        """A rollout: a ready replica of a newer revision exists (see core.SetOutdated)."""
+        self._events.put_nowait(core.SetOutdated(outdated))
+
     async def resign(self) -> Resignation:
         """Stop leading and release the Lease (the app is told first)."""
         if not self._pumping:

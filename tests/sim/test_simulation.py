@@ -34,7 +34,7 @@ def test_no_invariant_breaks_in_any_seed() -> None:
         f"`python -m tests.sim --replay SEED`:\n" + "\n".join(result.violations[:5])
     )
     # Every fault kind was exercised, and leadership kept moving.
-    assert len(result.faults) == 14
+    assert len(result.faults) == 15
     assert result.leaders > SEEDS
 
 

@@ -50,6 +50,7 @@ FAULTS = (
     "twins",  # a second process with an existing identity
     "resigns",  # resign and graceful shutdown (and restart)
     "eligibility",  # the app's health flaps
+    "rollouts",  # replicas learn a newer revision is ready (and forget it)
 )
 
 
@@ -514,6 +515,11 @@ class World:
                 self.spawn(
                     target.identity, at=min(self.now + rng.uniform(0.5, 3), self.fault_until)
                 )
+        elif choice == "rollouts" and live:
+            for target in rng.sample(live, rng.randint(1, len(live))):
+                self.deliver(target, core.SetOutdated(True))
+                back = min(self.now + rng.uniform(0.5, 4), self.fault_until)
+                self.at(back, functools.partial(self.deliver, target, core.SetOutdated(False)))
         elif choice == "eligibility" and live:
             target = rng.choice(live)
             self.deliver(target, core.SetEligible(False, "unhealthy"))
@@ -632,6 +638,7 @@ def simulate(
         if replica.alive:
             replica.paused_until = min(replica.paused_until, world.now)
             world.deliver(replica, core.SetEligible(True, "healthy"))
+            world.deliver(replica, core.SetOutdated(False))
     world.run(fault_seconds + bound + 5 * t.retry_period)
     first = world.quiet_leader_at
     if first is None or first - fault_seconds > bound:
