@@ -450,6 +450,17 @@ async def _start(
         helpers.append(stop.watch(task, "app-health"))
     if notifier is not None:
         helpers.append(stop.watch(asyncio.create_task(notifier.run(), name="notify"), "notify"))
+    if settings.rollout_aware and backend.api is not None:
+        from sidecar.integration.rollout import RolloutWatcher
+
+        rollout = RolloutWatcher(
+            backend.api,
+            backend.pod_namespace or backend.namespace,
+            os.environ["POD_NAME"],
+            elector.set_outdated,
+            timeout=min(10.0, settings.renew_deadline),
+        )
+        helpers.append(stop.watch(asyncio.create_task(rollout.run(), name="rollout"), "rollout"))
 
     control.task = stop.watch(asyncio.create_task(elector.run(), name="elector"), "election loop")
     stack.push_async_callback(_stop_election, control, elector, budget)

@@ -130,6 +130,7 @@ class Settings:
     shutdown_timeout: float
     service_account_dir: Path
     label_pod: bool = False
+    rollout_aware: bool = False  # hand over to a ready replica of a newer Deployment revision
     app_health_url: str | None = None
     app_health_period: float = 5.0
     app_health_failure_threshold: int = 3

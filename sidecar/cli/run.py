@@ -174,6 +174,14 @@ OPTIONS = (
         boolean=True,
     ),
     Option(
+        "--rollout-aware",
+        "during a rolling update of this Pod's Deployment, hand leadership to a ready replica of "
+        "the newer revision (POD_NAME); needs 'get' on pods and replicasets, 'list' and 'watch' "
+        "on pods",
+        group="integration",
+        boolean=True,
+    ),
+    Option(
         "--app-health-url",
         "campaign only while the app answers 2xx here; the leader resigns when it keeps failing",
         "URL",
@@ -314,6 +322,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "--label-pod needs the kubernetes backend and POD_NAME (the Downward API's "
             "metadata.name) to know which Pod to label"
         )
+    rollout_aware = _convert(args, by_flag["--rollout-aware"], parse_bool) or False
+    if rollout_aware and (backend != "kubernetes" or not os.environ.get("POD_NAME")):
+        raise ConfigError(
+            "--rollout-aware needs the kubernetes backend and POD_NAME (the Downward API's "
+            "metadata.name) to find this Pod's Deployment"
+        )
     app_health_url = _convert(args, by_flag["--app-health-url"], parse_http_url)
     notify_url = _convert(args, by_flag["--notify-url"], parse_http_url)
     health_period = duration("--app-health-period")
@@ -344,6 +358,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         label_pod=label_pod,
+        rollout_aware=rollout_aware,
         app_health_url=app_health_url,
         app_health_period=health_period,
         app_health_failure_threshold=threshold,
