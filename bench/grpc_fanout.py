@@ -1,9 +1,14 @@
 """gRPC Watch fan-out: how long from a published change until every subscriber has it.
 
     python bench/grpc_fanout.py [--subscribers 1,10,100,1000] [--events 40] [--json]
+                                [--server sidecar|bare] [--loop asyncio|uvloop] [--gc-freeze]
 
 The sidecar's real gRPC server (sidecar.api.grpc.GrpcApi) runs in this process on its own event
-loop, fed by a Broadcaster as the elector feeds it. The subscribers run in a separate process
+loop, fed by a Broadcaster as the elector feeds it; `--server bare` runs instead the least a
+grpc.aio server can do (one handler per stream writing the same pre-serialised bytes on every
+event), the floor to compare with, measured the same way. `--loop uvloop` runs either on
+uvloop, `--gc-freeze` calls gc.freeze() once the server started. The subscribers run in a
+separate process
 (grpc.aio, up to 100 streams per connection), so their decoding does not count against the
 server's CPU; the machine's cores are shared, as in a pod.
 
@@ -119,8 +124,77 @@ async def _lag_probe(worst: list[float]) -> None:
         worst[0] = max(worst[0], time.monotonic() - due)
 
 
-async def run_case(subscribers: int, events: int) -> dict[str, Any]:
-    from sidecar.api.grpc import GrpcApi
+class _BareServer:
+    """The floor: a bare grpc.aio Watch that writes the same bytes to every stream per event."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self._data = b""
+        self._sequence = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._pending = 0
+        self._done = asyncio.Event()
+        self._server: Any = None
+
+    async def start(self, address: str) -> str:
+        import grpc
+
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        handler = grpc.unary_stream_rpc_method_handler(self._watch)
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "leadersidecar.v1.LeaderElection", {"Watch": handler}
+                ),
+            )
+        )
+        port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        return f"127.0.0.1:{port}"
+
+    async def stop(self, grace: float = 0) -> None:
+        await self._server.stop(grace)
+
+    def publish(self, data: bytes) -> None:
+        self._data = data
+        self._sequence += 1
+        self._pending = self.streams
+        self._done.clear()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.set_result(None)
+
+    async def delivered(self, timeout: float) -> bool:
+        async with asyncio.timeout(timeout):
+            await self._done.wait()
+        return True
+
+    async def _watch(self, request: bytes, context: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self.streams += 1
+        seen = -1
+        await context.write(self._data)
+        seen = self._sequence
+        while True:
+            if seen == self._sequence:
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+                await waiter
+            seen = self._sequence
+            await context.write(self._data)
+            self._pending -= 1
+            if self._pending == 0:
+                self._done.set()
+
+
+async def run_case(
+    subscribers: int, events: int, server: str = "sidecar", gc_freeze: bool = False
+) -> dict[str, Any]:
+    import gc
+
+    from sidecar.api._pb.leadersidecar.v1 import leader_pb2 as pb
+    from sidecar.api.grpc import GrpcApi, to_message
     from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 
     initial = Leadership(
@@ -133,8 +207,14 @@ async def run_case(subscribers: int, events: int) -> dict[str, Any]:
         ready=True,
     )
     broadcaster = Broadcaster(initial)
-    api = GrpcApi(broadcaster, _Control())
+    bare = _BareServer() if server == "bare" else None
+    api: Any = bare if bare is not None else GrpcApi(broadcaster, _Control())
+    if bare is not None:
+        bare.publish(to_message(initial).SerializeToString())
     address = await api.start("127.0.0.1:0")
+    if gc_freeze:
+        gc.collect()
+        gc.freeze()
     rss_before = rss_kib()
 
     ctx = multiprocessing.get_context("spawn")
@@ -157,15 +237,20 @@ async def run_case(subscribers: int, events: int) -> dict[str, Any]:
             await asyncio.sleep(0.015)
             leader = f"bench-{'b' if event % 2 else 'c'}"
             started = time.perf_counter()
-            broadcaster.publish(
-                replace(
-                    broadcaster.current,
-                    leader=leader,
-                    fencing_token=event + 2,
-                    observed_at=datetime.now(UTC),
-                )
+            change = replace(
+                broadcaster.current,
+                leader=leader,
+                fencing_token=event + 2,
+                observed_at=datetime.now(UTC),
             )
-            ok = await broadcaster.delivered(timeout=10)
+            if bare is not None:
+                message: Any = to_message(change)
+                message.revision = event + 2
+                bare.publish(message.SerializeToString())
+                ok = await bare.delivered(timeout=10)
+            else:
+                broadcaster.publish(change)
+                ok = await broadcaster.delivered(timeout=10)
             delivered.append(time.perf_counter() - started)
             assert ok, "not delivered within 10 s"
             _revision, last, _median = await loop.run_in_executor(None, ours.recv)
@@ -184,7 +269,11 @@ async def run_case(subscribers: int, events: int) -> dict[str, Any]:
     def ms(values: list[float], q: float) -> float:
         return round(percentile(values, q) * 1000, 2)
 
+    del pb
     return {
+        "server": server,
+        "gc_freeze": gc_freeze,
+        "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "subscribers": subscribers,
         "events": events,
         "delivered_p50_ms": ms(delivered, 50),
@@ -202,10 +291,17 @@ def main() -> None:
     parser.add_argument("--subscribers", default="1,10,100,1000")
     parser.add_argument("--events", type=int, default=40)
     parser.add_argument("--json", action="store_true", help="one JSON object per case")
+    parser.add_argument("--server", choices=("sidecar", "bare"), default="sidecar")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--gc-freeze", action="store_true")
     args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.install()
     rows = []
     for count in (int(n) for n in args.subscribers.split(",")):
-        row = asyncio.run(run_case(count, args.events))
+        row = asyncio.run(run_case(count, args.events, args.server, args.gc_freeze))
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
