@@ -189,7 +189,11 @@ class _BareServer:
 
 
 async def run_case(
-    subscribers: int, events: int, server: str = "sidecar", gc_freeze: bool = False
+    subscribers: int,
+    events: int,
+    server: str = "sidecar",
+    gc_freeze: bool = False,
+    grpc_thread: bool = False,
 ) -> dict[str, Any]:
     import gc
 
@@ -211,7 +215,33 @@ async def run_case(
     api: Any = bare if bare is not None else GrpcApi(broadcaster, _Control())
     if bare is not None:
         bare.publish(to_message(initial).SerializeToString())
-    address = await api.start("127.0.0.1:0")
+    threaded: Any = None
+    if grpc_thread:
+        # The gRPC server on a thread and event loop of its own, fed from this loop (where the
+        # elector would run) through a mirror Broadcaster: each change is handed over with
+        # call_soon_threadsafe and "delivered" once the mirror's streams all had it.
+        import threading
+
+        other = asyncio.new_event_loop()
+        threading.Thread(target=other.run_forever, daemon=True).start()
+
+        def there(coroutine: Any) -> Any:
+            return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, other))
+
+        async def make() -> tuple[Any, Any, str]:
+            mirror = Broadcaster(initial)
+            grpc_api = GrpcApi(mirror, _Control())
+            return mirror, grpc_api, await grpc_api.start("127.0.0.1:0")
+
+        mirror, api, address = await there(make())
+
+        async def relay(change: Any) -> bool:
+            mirror.publish(change)
+            return await mirror.delivered(timeout=10)
+
+        threaded = (there, relay, other)
+    else:
+        address = await api.start("127.0.0.1:0")
     if gc_freeze:
         gc.collect()
         gc.freeze()
@@ -243,7 +273,10 @@ async def run_case(
                 fencing_token=event + 2,
                 observed_at=datetime.now(UTC),
             )
-            if bare is not None:
+            if threaded is not None:
+                there, relay, _ = threaded
+                ok = await there(relay(change))
+            elif bare is not None:
                 message: Any = to_message(change)
                 message.revision = event + 2
                 bare.publish(message.SerializeToString())
@@ -264,7 +297,12 @@ async def run_case(
         await loop.run_in_executor(None, worker.join, 10)
         if worker.is_alive():
             worker.kill()
-        await api.stop(grace=0)
+        if threaded is not None:
+            there, _, other = threaded
+            await there(api.stop(grace=0))
+            other.call_soon_threadsafe(other.stop)
+        else:
+            await api.stop(grace=0)
 
     def ms(values: list[float], q: float) -> float:
         return round(percentile(values, q) * 1000, 2)
@@ -273,6 +311,7 @@ async def run_case(
     return {
         "server": server,
         "gc_freeze": gc_freeze,
+        "grpc_thread": grpc_thread,
         "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "subscribers": subscribers,
         "events": events,
@@ -294,6 +333,9 @@ def main() -> None:
     parser.add_argument("--server", choices=("sidecar", "bare"), default="sidecar")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--gc-freeze", action="store_true")
+    parser.add_argument(
+        "--grpc-thread", action="store_true", help="the gRPC server on its own thread and loop"
+    )
     args = parser.parse_args()
     if args.loop == "uvloop":
         import uvloop
@@ -301,7 +343,9 @@ def main() -> None:
         uvloop.install()
     rows = []
     for count in (int(n) for n in args.subscribers.split(",")):
-        row = asyncio.run(run_case(count, args.events, args.server, args.gc_freeze))
+        row = asyncio.run(
+            run_case(count, args.events, args.server, args.gc_freeze, args.grpc_thread)
+        )
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)

@@ -43,7 +43,6 @@ from sidecar.metrics import Metrics
 from sidecar.naming import election_label_value, lease_labels, lease_name
 
 if TYPE_CHECKING:
-    from sidecar.api.grpc import GrpcApi
     from sidecar.backends.kubeclient import KubeApi
     from sidecar.events import LeaderEvents
     from sidecar.integration.notify import Notifier
@@ -410,9 +409,12 @@ async def _start(
     grpc_listening: str | None = None
     if settings.grpc_address != "off":
         # Imported here: `--grpc-address off` spares grpcio's start-up time and memory.
-        from sidecar.api.grpc import GrpcAddressError, GrpcApi
+        from sidecar.api.grpc import GrpcAddressError
+        from sidecar.api.grpc_thread import ThreadedGrpcApi
 
-        grpc_api: GrpcApi = GrpcApi(broadcaster, control, guard, slots)
+        # On its own thread and loop: fanning a change out to many streams must not delay
+        # the elector or the HTTP API (see sidecar/api/grpc_thread.py).
+        grpc_api = ThreadedGrpcApi(broadcaster, control, guard, slots, on_crash=stop.crashed)
         try:
             grpc_listening = await grpc_api.start(settings.grpc_address)
         except GrpcAddressError as exc:
@@ -420,8 +422,8 @@ async def _start(
         # After the elector's shutdown (below on the stack: runs earlier): open streams have
         # heard "not leader" by the time they are closed.
         stack.push_async_callback(lambda: grpc_api.stop(grace=budget.left(SERVERS_GRACE)))
-        assert grpc_api.health_task is not None
-        stop.watch(grpc_api.health_task, "grpc-health")
+        assert grpc_api.forwarder is not None
+        stop.watch(grpc_api.forwarder, "grpc-forward")
         metrics.count_subscribers("grpc", lambda: grpc_api.streams)
 
     metrics_runner: web.AppRunner | None = None

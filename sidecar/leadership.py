@@ -206,6 +206,12 @@ class Broadcaster:
         self._wake()
         return self._current
 
+    def relay(self, snapshot: Leadership) -> None:
+        """Make `snapshot` current as it is and wake every subscriber: for a mirror of another
+        Broadcaster (on another event loop), which decided already what deserves a message."""
+        self._current = snapshot
+        self._wake(arm=False)
+
     def close(self) -> None:
         """Stop the timers (at shutdown)."""
         for handle in (self._heartbeat, self._expiry):
@@ -232,39 +238,49 @@ class Broadcaster:
         Asking for the next snapshot is what tells `delivered()` this subscriber handled the
         previous one.
         """
-        me = object()
-        self._subscribers += 1
-        loop = asyncio.get_running_loop()
-        try:
+        with self.subscription() as subscription:
             while True:
-                sequence = self._sequence
-                yield self._current
-                if sequence == self._sequence:
-                    self._acked.add(me)
-                    if len(self._acked) >= self._subscribers:
-                        self._all_acked.set()
-                    waiter = loop.create_future()
-                    self._waiters.add(waiter)
-                    try:
-                        await waiter
-                    finally:
-                        self._waiters.discard(waiter)
+                yield await subscription.next()
+
+    def subscription(self) -> Subscription:
+        """The same as `subscribe()` without an async generator around it (the gRPC fan-out
+        path, where every step counts a thousand times): `with` it, then `await next()`."""
+        return Subscription(self)
+
+    def _join(self) -> None:
+        self._subscribers += 1
+
+    def _leave(self, who: object) -> None:
+        self._subscribers -= 1
+        self._acked.discard(who)
+        if len(self._acked) >= self._subscribers:
+            self._all_acked.set()
+
+    async def _after(self, who: object, sequence: int) -> None:
+        """Note that `who` handled `sequence`; wait until there is something newer."""
+        if sequence != self._sequence:
+            return
+        self._acked.add(who)
+        if len(self._acked) >= self._subscribers:
+            self._all_acked.set()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await waiter
         finally:
-            self._subscribers -= 1
-            self._acked.discard(me)
-            if len(self._acked) >= self._subscribers:
-                self._all_acked.set()
+            self._waiters.discard(waiter)
 
     # ------------------------------------------------------------------ wake-ups
 
-    def _wake(self) -> None:
+    def _wake(self, arm: bool = True) -> None:
         self._sequence += 1
         self._last_wake = self._clock()
         self._woken_deadline = self._current.valid_until_monotonic
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
-        self._arm_expiry()
+        if arm:
+            self._arm_expiry()
         self._acked.clear()
         if self._subscribers:
             self._all_acked.clear()
@@ -313,6 +329,31 @@ class Broadcaster:
             return
         self._current = replace(view, revision=current.revision + 1)
         self._wake()
+
+
+class Subscription:
+    """One subscriber of a Broadcaster: `next()` returns the current snapshot the first time,
+    then waits for a newer one (telling the Broadcaster this one was handled)."""
+
+    __slots__ = ("_broadcaster", "_sequence")
+
+    def __init__(self, broadcaster: Broadcaster) -> None:
+        self._broadcaster = broadcaster
+        self._sequence: int | None = None
+
+    def __enter__(self) -> Subscription:
+        self._broadcaster._join()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._broadcaster._leave(self)
+
+    async def next(self) -> Leadership:
+        broadcaster = self._broadcaster
+        if self._sequence is not None:
+            await broadcaster._after(self, self._sequence)
+        self._sequence = broadcaster._sequence
+        return broadcaster._current
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

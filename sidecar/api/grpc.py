@@ -142,6 +142,8 @@ class _Encoder:
         self._head = b""
 
     def encode(self, snapshot: Leadership, monotonic_now: float | None = None) -> bytes:
+        if snapshot is self._source and snapshot.valid_until_monotonic is None:
+            return self._head  # the fan-out's common case: a follower's snapshot, done before
         now = time.monotonic() if monotonic_now is None else monotonic_now
         view = snapshot.as_of(now)
         expired = view is not snapshot
@@ -328,14 +330,15 @@ class GrpcApi:
             await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
         if not self._slots.acquire():
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._slots.refusal())
-        updates = self._broadcaster.subscribe()
         self._streams.add(task)
+        encode, write = self._encoder.encode, context.write
         try:
-            # Asking for the next snapshot only after the write completed is what tells the
-            # Broadcaster that this client has heard the previous one (see `delivered()`);
-            # a client that stops reading only ever holds one pending write.
-            async for snapshot in updates:
-                await context.write(self._encoder.encode(snapshot))
+            with self._broadcaster.subscription() as updates:
+                # Asking for the next snapshot only after the write completed is what tells
+                # the Broadcaster that this client has heard the previous one (`delivered()`);
+                # a client that stops reading only ever holds one pending write.
+                while True:
+                    await write(encode(await updates.next()))
         except asyncio.CancelledError:
             if not self._closing:
                 raise  # the client went away
@@ -345,7 +348,6 @@ class GrpcApi:
         finally:
             self._slots.release()
             self._streams.discard(task)
-            await updates.aclose()
 
     async def _resign(self, request: bytes, context: Context) -> bytes:
         await _parse(request, pb.ResignRequest, context)

@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import ipaddress
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -148,15 +149,18 @@ class StreamSlots:
     def __init__(self, cap: int | None) -> None:
         self.cap = cap
         self.open = 0
+        self._lock = threading.Lock()  # the gRPC server runs on a thread of its own
 
     def acquire(self) -> bool:
-        if self.cap is not None and self.open >= self.cap:
-            return False
-        self.open += 1
-        return True
+        with self._lock:
+            if self.cap is not None and self.open >= self.cap:
+                return False
+            self.open += 1
+            return True
 
     def release(self) -> None:
-        self.open -= 1
+        with self._lock:
+            self.open -= 1
 
     def refusal(self) -> str:
         return (
