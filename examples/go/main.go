@@ -55,7 +55,17 @@ func main() {
 	}
 }
 
+// Act as leader only while the newest message says is_leader, and at most valid_for_ms after
+// it arrived (the leader's stream refreshes it after every renewal, and says "not leader" when
+// it runs out): an app would arm a timer with it here.
+var lastLine string
+var deadline time.Time
+
 func show(s *pb.Leadership) {
+	deadline = time.Time{}
+	if s.ValidForMs != nil {
+		deadline = time.Now().Add(time.Duration(s.GetValidForMs()) * time.Millisecond)
+	}
 	token := "-"
 	if s.FencingToken != nil {
 		token = fmt.Sprint(s.GetFencingToken())
@@ -64,7 +74,11 @@ func show(s *pb.Leadership) {
 	if leader == "" {
 		leader = "-"
 	}
-	fmt.Printf("state=%s leader=%s is_leader=%t fencing_token=%s revision=%d\n",
+	line := fmt.Sprintf("state=%s leader=%s is_leader=%t fencing_token=%s revision=%d",
 		strings.TrimPrefix(s.GetState().String(), "STATE_"), leader, s.GetIsLeader(), token,
 		s.GetRevision())
+	if line != lastLine { // one line per change, not per refreshed valid_until
+		fmt.Println(line)
+		lastLine = line
+	}
 }

@@ -25,14 +25,25 @@ const address = process.argv[2] || process.env.LEADER_SIDECAR_GRPC || "127.0.0.1
 // Loopback only, inside the pod: no TLS.
 const client = new LeaderElection(address, grpc.credentials.createInsecure());
 
+// Act as leader only while the newest message says is_leader, and at most valid_for_ms after it
+// arrived (the leader's stream refreshes it after every renewal, and says "not leader" when it
+// runs out): an app would arm a timer with it here.
+let lastLine = "";
+let deadline = 0;
+
 function show(s) {
   // proto3 `optional` fields are absent when unset.
+  deadline = s.valid_for_ms != null ? Date.now() + Number(s.valid_for_ms) : 0;
   const token = s.fencing_token ?? "-";
   const state = s.state.replace(/^STATE_/, "");
-  console.log(
+  const line =
     `state=${state} leader=${s.leader || "-"} is_leader=${s.is_leader} ` +
-      `fencing_token=${token} revision=${s.revision}`,
-  );
+    `fencing_token=${token} revision=${s.revision}`;
+  if (line !== lastLine) {
+    // one line per change, not per refreshed valid_until
+    console.log(line);
+    lastLine = line;
+  }
 }
 
 let stopping = false;

@@ -24,14 +24,25 @@ sys.path.append(PROTO_DIR)  # grpc.protos_and_services finds .proto files on sys
 pb, services = grpc.protos_and_services("leadersidecar/v1/leader.proto")
 
 
+last_line = ""
+# Act as leader only while the newest message says is_leader, and at most valid_for_ms after it
+# arrived (the leader's stream refreshes it after every renewal, and says "not leader" when it
+# runs out): an app would arm a timer with it here.
+deadline = 0.0
+
+
 def show(s: Any) -> None:  # a Leadership message; its class is made at run time
+    global last_line, deadline
+    deadline = time.monotonic() + s.valid_for_ms / 1000 if s.HasField("valid_for_ms") else 0.0
     token = s.fencing_token if s.HasField("fencing_token") else "-"
     name = pb.Leadership.State.Name(s.state).removeprefix("STATE_")
-    print(
+    line = (
         f"state={name} leader={s.leader or '-'} is_leader={str(s.is_leader).lower()} "
-        f"fencing_token={token} revision={s.revision}",
-        flush=True,
+        f"fencing_token={token} revision={s.revision}"
     )
+    if line != last_line:  # one line per change, not per refreshed valid_until
+        print(line, flush=True)
+        last_line = line
 
 
 def main() -> None:
