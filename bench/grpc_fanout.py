@@ -215,33 +215,17 @@ async def run_case(
     api: Any = bare if bare is not None else GrpcApi(broadcaster, _Control())
     if bare is not None:
         bare.publish(to_message(initial).SerializeToString())
-    threaded: Any = None
     if grpc_thread:
-        # The gRPC server on a thread and event loop of its own, fed from this loop (where the
-        # elector would run) through a mirror Broadcaster: each change is handed over with
-        # call_soon_threadsafe and "delivered" once the mirror's streams all had it.
-        import threading
+        # As the sidecar runs it: the gRPC server on a thread and event loop of its own, fed
+        # from this loop (where the elector runs); delivered() covers the streams there too.
+        from sidecar.api.grpc_thread import ThreadedGrpcApi
+        from sidecar.api.guard import Guard, StreamSlots
 
-        other = asyncio.new_event_loop()
-        threading.Thread(target=other.run_forever, daemon=True).start()
+        def crashed(what: str, exc: BaseException) -> None:
+            raise SystemExit(f"{what} crashed: {exc!r}")
 
-        def there(coroutine: Any) -> Any:
-            return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, other))
-
-        async def make() -> tuple[Any, Any, str]:
-            mirror = Broadcaster(initial)
-            grpc_api = GrpcApi(mirror, _Control())
-            return mirror, grpc_api, await grpc_api.start("127.0.0.1:0")
-
-        mirror, api, address = await there(make())
-
-        async def relay(change: Any) -> bool:
-            mirror.publish(change)
-            return await mirror.delivered(timeout=10)
-
-        threaded = (there, relay, other)
-    else:
-        address = await api.start("127.0.0.1:0")
+        api = ThreadedGrpcApi(broadcaster, _Control(), Guard(), StreamSlots(None), crashed)
+    address = await api.start("127.0.0.1:0")
     if gc_freeze:
         gc.collect()
         gc.freeze()
@@ -273,10 +257,7 @@ async def run_case(
                 fencing_token=event + 2,
                 observed_at=datetime.now(UTC),
             )
-            if threaded is not None:
-                there, relay, _ = threaded
-                ok = await there(relay(change))
-            elif bare is not None:
+            if bare is not None:
                 message: Any = to_message(change)
                 message.revision = event + 2
                 bare.publish(message.SerializeToString())
@@ -297,12 +278,7 @@ async def run_case(
         await loop.run_in_executor(None, worker.join, 10)
         if worker.is_alive():
             worker.kill()
-        if threaded is not None:
-            there, _, other = threaded
-            await there(api.stop(grace=0))
-            other.call_soon_threadsafe(other.stop)
-        else:
-            await api.stop(grace=0)
+        await api.stop(grace=0)
 
     def ms(values: list[float], q: float) -> float:
         return round(percentile(values, q) * 1000, 2)

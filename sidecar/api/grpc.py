@@ -296,7 +296,8 @@ class GrpcApi:
         await self._health.shut_down()
         if self._health_task is not None:
             self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A crash of the follower was reported by the supervisor (sidecar/app.py) already.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._health_task
         # Watch streams never end by themselves: without this, stop() would always take `grace`.
         for task in self._streams:

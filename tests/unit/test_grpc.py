@@ -61,6 +61,7 @@ class FakeControl:
     def __init__(self) -> None:
         self.leading = False
         self.resigned = 0
+        self.release_error: str | None = None
 
     def alive(self) -> bool:
         return True
@@ -69,6 +70,8 @@ class FakeControl:
         if not self.leading:
             return Resignation(led=False)
         self.resigned += 1
+        if self.release_error is not None:
+            return Resignation(led=True, released=False, error=self.release_error)
         return Resignation(led=True, released=True)
 
 
@@ -237,6 +240,33 @@ async def test_resign(harness: Harness) -> None:
     harness.control.leading = True
     response = await harness.stub.Resign(pb.ResignRequest())
     assert response.identity == "a" and harness.control.resigned == 1
+
+
+async def test_resign_that_could_not_release_is_unavailable_with_the_reason(
+    harness: Harness,
+) -> None:
+    harness.control.leading = True
+    harness.control.release_error = "release failed: the backend did not answer in time"
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await harness.stub.Resign(pb.ResignRequest())
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "did not answer in time" in (failed.value.details() or "")
+
+
+async def test_leader_health_is_not_serving_once_its_follower_task_died(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness.publish(leader())
+    await eventually(lambda: harness.api._health.status(LEADER_SERVICE) == SERVING)
+    task = harness.api.health_task
+    assert task is not None
+    # A bug in the follower: the next change makes it crash.
+    monkeypatch.setattr(harness.api, "snapshot", lambda: 1 / 0)
+    harness.publish(follower())
+    await eventually(task.done)
+    assert isinstance(task.exception(), ZeroDivisionError)
+    assert await harness.check(LEADER_SERVICE) == NOT_SERVING
+    assert await harness.check(SERVICE) == NOT_SERVING
 
 
 @pytest.mark.parametrize("method", ["GetLeader", "Watch", "Resign"])

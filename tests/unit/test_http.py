@@ -168,3 +168,36 @@ async def test_event_stream_sends_the_state_then_each_change(api: Api, how: str)
     broadcaster.publish(snapshot(Role.FOLLOWER, "third"))
     assert (await next_event())["name"] == "third"
     response.close()
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "2", "tru"])
+async def test_bad_watch_values_are_400(api: Api, value: str) -> None:
+    client, _, _ = api
+    response = await client.get(f"/leader?watch={value}")
+    assert response.status == 400
+    assert "watch" in (await response.json())["error"]
+
+
+async def test_watch_false_answers_json(api: Api) -> None:
+    client, _, _ = api
+    response = await client.get("/leader?watch=false")
+    assert response.status == 200 and (await response.json())["name"] == "other"
+
+
+async def test_a_resign_that_could_not_release_is_503_with_the_reason(api: Api) -> None:
+    client, broadcaster, control = api
+    broadcaster.publish(snapshot(Role.LEADER, "me", fencing_token=4))
+
+    async def failing() -> Resignation:
+        return Resignation(led=True, released=False, error="release failed: timeout")
+
+    control.resign = failing  # type: ignore[method-assign]
+    response = await client.post("/leader/resign")
+    assert response.status == 503
+    body = await response.json()
+    assert body == {
+        "resigned": True,
+        "released": False,
+        "identity": "me",
+        "error": "release failed: timeout",
+    }
