@@ -53,4 +53,8 @@ def test_reads_by_value_and_no_trace_without_a_secret(charts: Path, tmp_path: Pa
     (sidecar,) = pod(charts, tmp_path / "a", values)["initContainers"]
     assert "--api-token-reads" in sidecar["args"]
     spec = pod(charts, tmp_path / "b", {"leaderElection": {"enabled": True}})
-    assert "api-token" not in str(spec) and "API_TOKEN" not in str(spec)
+    (sidecar,) = spec["initContainers"]
+    assert not any("api-token" in arg for arg in sidecar["args"])
+    assert all("api-token" not in v["name"] for v in spec["volumes"])
+    (app,) = spec["containers"]
+    assert "LEADER_SIDECAR_API_TOKEN" not in {e["name"] for e in app.get("env", [])}
