@@ -471,7 +471,7 @@ def _sees(elector: RecordedClientGo, leader: str) -> bool:
 def _ready(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")  # loopback only
             return sock.recv(64).split(b"\r\n", 1)[0].endswith(b" 200 OK")
     except OSError:
         return False
