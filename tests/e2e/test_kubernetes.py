@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.kubeobjects import create, owner
 from tests.e2e.sidecars import (
     LEASE,
     RENEW,
@@ -185,31 +186,12 @@ def test_in_cluster_credentials_follow_a_rotated_token(
     assert "backend error" not in sidecar.log_events()
 
 
-def _create(cluster: Cluster, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, answer = cluster.api("POST", path, body)
-    assert status == 201, answer
-    return dict(answer)
-
-
-def _owner(obj: dict[str, Any], api_version: str, kind: str) -> list[dict[str, Any]]:
-    meta = obj["metadata"]
-    return [
-        {
-            "apiVersion": api_version,
-            "kind": kind,
-            "name": meta["name"],
-            "uid": meta["uid"],
-            "controller": True,
-        }
-    ]
-
-
 def test_the_workload_is_discovered_from_the_pods_owners(
     kube_cluster: Cluster, namespace: str, sidecars: Callable[..., Sidecar]
 ) -> None:
     labels = {"app": "checkout"}
     pod_spec = {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
-    deployment = _create(
+    deployment = create(
         kube_cluster,
         f"/apis/apps/v1/namespaces/{namespace}/deployments",
         {
@@ -220,13 +202,13 @@ def test_the_workload_is_discovered_from_the_pods_owners(
             },
         },
     )
-    replicaset = _create(
+    replicaset = create(
         kube_cluster,
         f"/apis/apps/v1/namespaces/{namespace}/replicasets",
         {
             "metadata": {
                 "name": "checkout-5d8f",
-                "ownerReferences": _owner(deployment, "apps/v1", "Deployment"),
+                "ownerReferences": owner(deployment, "apps/v1", "Deployment"),
             },
             "spec": {
                 "selector": {"matchLabels": labels},
@@ -234,14 +216,14 @@ def test_the_workload_is_discovered_from_the_pods_owners(
             },
         },
     )
-    _create(
+    create(
         kube_cluster,
         f"/api/v1/namespaces/{namespace}/pods",
         {
             "metadata": {
                 "name": "checkout-5d8f-x2x9z",
                 "labels": labels,
-                "ownerReferences": _owner(replicaset, "apps/v1", "ReplicaSet"),
+                "ownerReferences": owner(replicaset, "apps/v1", "ReplicaSet"),
             },
             "spec": pod_spec,
         },

@@ -12,22 +12,11 @@ from typing import Any
 
 from sidecar.backends.kubeclient import KubeApi
 from sidecar.integration.rollout import RolloutWatcher
+from tests.e2e.kubeobjects import create, owner
 from tests.kube.cluster import Cluster
 
 LABELS = {"app": "web"}
 POD_SPEC = {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
-
-
-def create(cluster: Cluster, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    status, answer = cluster.api("POST", path, body)
-    assert status == 201, answer
-    return dict(answer)
-
-
-def owner(obj: dict[str, Any], api_version: str, kind: str) -> list[dict[str, Any]]:
-    meta = obj["metadata"]
-    ref = {"apiVersion": api_version, "kind": kind, "name": meta["name"], "uid": meta["uid"]}
-    return [{**ref, "controller": True}]
 
 
 def revision(cluster: Cluster, ns: str, deployment: dict[str, Any], hash_: str, n: int) -> None:

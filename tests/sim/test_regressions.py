@@ -48,6 +48,12 @@ class Script:
     def writes(self) -> list[LeaderRecord]:
         return [a.record for a in self.actions if isinstance(a, core.Create | core.Update)]
 
+    def start(self, current: VersionedRecord | None) -> list[core.Action]:
+        """Start with a working watch; the start-up read answers `current`."""
+        self.step(core.Start())
+        self.step(core.WatchHealth(True))
+        return self.step(Answer(Outcome.OK, current))
+
     def lead(self, transitions: int = 4) -> VersionedRecord:
         """Become leader by taking over a released record (no creation wait)."""
         released = VersionedRecord(LeaderRecord("", 1, EPOCH, EPOCH, transitions - 1), "v1")
@@ -138,9 +144,7 @@ def test_4_rewound_versions_are_just_versions_and_conflicts_back_off() -> None:
 def test_4_a_candidate_that_loses_a_race_waits_a_retry_period_before_writing_again() -> None:
     s = Script(identity="b")
     released = VersionedRecord(LeaderRecord("", 1, EPOCH, EPOCH, 2), "v1")
-    s.step(core.Start())
-    s.step(core.WatchHealth(True))
-    out = s.step(Answer(Outcome.OK, released))
+    out = s.start(released)
     assert any(isinstance(a, core.Update) for a in out)
     out = s.step(Answer(Outcome.CONFLICT), after=0.01)
     (read,) = s.requests(out)
@@ -187,9 +191,7 @@ def test_7_a_leaders_read_times_out_with_its_remaining_validity() -> None:
 def test_8_an_acquisition_uses_the_version_it_decided_on() -> None:
     s = Script(identity="b")
     held = VersionedRecord(LeaderRecord("a", 15, EPOCH, EPOCH, 1), "v1")
-    s.step(core.Start())
-    s.step(core.WatchHealth(True))
-    s.step(Answer(Outcome.OK, held))
+    s.start(held)
     renewed = VersionedRecord(LeaderRecord("a", 15, EPOCH, EPOCH + timedelta(1), 1), "v2")
     s.step(core.WatchEvent(renewed), after=5)
     out = s.tick_until(s.now + 14.9)
@@ -202,9 +204,7 @@ def test_8_an_acquisition_uses_the_version_it_decided_on() -> None:
 def test_9_a_record_with_our_name_from_another_process_is_waited_out() -> None:
     s = Script(identity="a")
     ours_by_name = VersionedRecord(LeaderRecord("a", 15, EPOCH, EPOCH, 6), "v1")
-    s.step(core.Start())
-    s.step(core.WatchHealth(True))
-    s.step(Answer(Outcome.OK, ours_by_name))
+    s.start(ours_by_name)
     assert not s.writes()
     assert not s.requests(s.tick_until(s.now + 14.9))
     out = s.tick_until(s.now + 0.2)
@@ -231,9 +231,7 @@ def test_the_app_hears_not_leader_before_the_release_is_sent() -> None:
 
 def test_a_created_lease_is_led_only_after_one_lease_duration() -> None:
     s = Script()
-    s.step(core.Start())
-    s.step(core.WatchHealth(True))
-    s.step(Answer(Outcome.OK, None))
+    s.start(None)
     out = s.tick_until(s.now + T.retry_period * 1.3)
     (create,) = s.requests(out)
     assert isinstance(create, core.Create) and create.purpose is Purpose.ACQUIRE
