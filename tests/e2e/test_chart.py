@@ -298,6 +298,9 @@ def test_the_toggle_on_adds_a_native_sidecar_and_its_rbac(
             "verbs": ["get", "watch", "update"],
         },
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        # rolloutAware (on by default): the Deployment's pods and this Pod's ReplicaSets.
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
     ]
     binding = kinds["RoleBinding"]
     assert binding["roleRef"]["name"] == kinds["Role"]["metadata"]["name"]
@@ -335,11 +338,17 @@ def test_each_option_adds_only_its_own_permission(render: Callable[..., list[Man
             if r["resources"] != ["leases"]
         ]
 
-    assert rules({}) == []
-    assert rules({"discovery": True}) == [("", "pods", ("get",)), ("apps", "replicasets", ("get",))]
-    assert rules({"labelPod": True}) == [("", "pods", ("list", "patch"))]
-    assert rules({"events": True}) == [("events.k8s.io", "events", ("create",))]
-    assert rules({"metrics": {"enabled": True}}) == []
+    rollout = [("", "pods", ("get", "list", "watch")), ("apps", "replicasets", ("get",))]
+    assert rules({}) == rollout  # rolloutAware is on by default
+    off: dict[str, Any] = {"rolloutAware": False}
+    assert rules(off) == []
+    assert rules({**off, "discovery": True}) == [
+        ("", "pods", ("get",)),
+        ("apps", "replicasets", ("get",)),
+    ]
+    assert rules({**off, "labelPod": True}) == [("", "pods", ("list", "patch"))]
+    assert rules({**off, "events": True}) == [("events.k8s.io", "events", ("create",))]
+    assert rules({**off, "metrics": {"enabled": True}}) == []
 
     docs = render(EVERYTHING)
     args = sidecar_container(docs)["args"]
@@ -506,7 +515,13 @@ def test_the_charts_rbac_runs_an_election_and_grants_no_more(
         )
     for verb in ("list", "delete", "patch", "deletecollection"):
         assert not can(kube_cluster, token, namespace, verb, "leases", name=lease["name"], **other)
-    assert not can(kube_cluster, token, namespace, "get", "pods")
+    # rolloutAware (on by default) reads pods and ReplicaSets, and changes neither.
+    for verb in ("get", "list", "watch"):
+        assert can(kube_cluster, token, namespace, verb, "pods")
+    for verb in ("patch", "update", "delete", "create"):
+        assert not can(kube_cluster, token, namespace, verb, "pods")
+    assert can(kube_cluster, token, namespace, "get", "replicasets", group="apps")
+    assert not can(kube_cluster, token, namespace, "list", "replicasets", group="apps")
     assert not can(kube_cluster, token, namespace, "get", "secrets")
     assert not can(kube_cluster, token, "kube-system", "get", "leases", name=lease["name"], **other)
 

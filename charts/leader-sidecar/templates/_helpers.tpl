@@ -352,6 +352,15 @@ rules:
     resources: [pods]
     verbs: [list, patch]
   {{- end }}
+  {{- if $v.rolloutAware }}
+  # --rollout-aware: this Pod's ReplicaSet and its Deployment's other pods (Ready? revision?).
+  - apiGroups: [""]
+    resources: [pods]
+    verbs: [get, list, watch]
+  - apiGroups: [apps]
+    resources: [replicasets]
+    verbs: [get]
+  {{- end }}
   {{- if $v.events }}
   - apiGroups: [events.k8s.io]
     resources: [events]
