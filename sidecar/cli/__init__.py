@@ -5,6 +5,7 @@ what it needs once its flags are known to be good."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_before_start(signum: int, frame: object) -> None:
+    # Until the event loop installs its handlers, SIGTERM/SIGINT end the process cleanly (as
+    # PID 1 in a container, a signal without a handler would be ignored).
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,10 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sidecar.cli.status import run_status
 
         return run_status(args)
+    previous = {s: signal.signal(s, _stop_before_start) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
         print(f"leader-sidecar: error: {exc}", file=sys.stderr)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         return EXIT_CONFIG
     from sidecar.app import run  # heavy imports only once the flags are known to be good
 

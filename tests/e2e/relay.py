@@ -23,6 +23,7 @@ class Relay:
         self._flowing.set()
         self._closed = False
         self._sockets: list[socket.socket] = []
+        self.connections = 0  # accepted so far
         threading.Thread(target=self._accept, daemon=True).start()
 
     def freeze(self) -> None:
@@ -55,6 +56,7 @@ class Relay:
             # Connecting counts as flowing: a frozen link accepts and then says nothing.
             upstream = socket.create_connection(("127.0.0.1", self._upstream))
             self._sockets += [client, upstream]
+            self.connections += 1
             for source, target in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
 

@@ -409,8 +409,11 @@ def test_sigterm_during_workload_discovery_exits_cleanly(
     args = ["--kubeconfig", str(kubeconfig), "--namespace", namespace]
     sidecar = Sidecar("discovering", args, env={"POD_NAME": "web-0"})
     try:
-        time.sleep(1.5)
-        assert sidecar.proc.poll() is None
+        deadline = time.monotonic() + 30
+        while relay.connections == 0:  # discovery has connected, and hangs
+            assert time.monotonic() < deadline and sidecar.proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)
         sent = time.monotonic()
         sidecar.terminate()
         assert sidecar.wait_exit(timeout=5) == 0
