@@ -67,12 +67,16 @@ class _Stream:
         with self._changed:
             return list(self.items)
 
-    def wait_for(self, predicate: Callable[[Any], bool], timeout: float = 20) -> float:
-        """Arrival of the first message (after those already seen) matching `predicate`."""
-        start = len(self.snapshot())
+    def wait_for(
+        self, predicate: Callable[[Any], bool], timeout: float = 20, since: float | None = None
+    ) -> float:
+        """Arrival of the first message matching `predicate`: among those arriving from now
+        on, or from `since` (wall time) if given."""
+        start = len(self.snapshot()) if since is None else 0
+        after = float("-inf") if since is None else since
 
         def hit() -> float | None:
-            return next((t for t, m in self.items[start:] if predicate(m)), None)
+            return next((t for t, m in self.items[start:] if t >= after and predicate(m)), None)
 
         with self._changed:
             self._changed.wait_for(lambda: hit() is not None or self.error is not None, timeout)
@@ -189,12 +193,13 @@ def test_a_leader_whose_renewals_are_blocked_says_not_leader_at_valid_until(
     leader.wait_for(lambda s: bool(s.get("is_leader")))
     rpc = GrpcWatch(grpc_address(leader))
     sse = SseWatch(leader.port)
-    rpc.wait_for(leader_grpc)
-    sse.wait_for(lambda m: m["is_leader"])
+    rpc.wait_for(leader_grpc, since=0.0)
+    sse.wait_for(lambda m: m["is_leader"], since=0.0)
     time.sleep(RETRY * 2)
+    frozen = time.time()
     relay.freeze()
-    lost_rpc = rpc.wait_for(lambda m: not m.is_leader, timeout=RENEW + 5)
-    lost_sse = sse.wait_for(lambda m: not m["is_leader"], timeout=5)
+    lost_rpc = rpc.wait_for(lambda m: not m.is_leader, timeout=RENEW + 5, since=frozen)
+    lost_sse = sse.wait_for(lambda m: not m["is_leader"], timeout=5, since=frozen)
     last_rpc = [m for _, m in rpc.snapshot() if m.is_leader][-1]
     last_sse = [m for _, m in sse.snapshot() if m["is_leader"]][-1]
     deadline = last_rpc.valid_until.ToNanoseconds() / 1e9
@@ -267,7 +272,7 @@ def test_the_old_leaders_app_hears_not_leader_before_the_new_leader_leads(
         for handover in range(20):
             old = wait_one_leader(list(live))
             old_watch = live[old]
-            old_watch.wait_for(leader_grpc)
+            old_watch.wait_for(leader_grpc, since=0.0)
             began = time.time()
             if handover % 2:
                 status, body = old.request("POST", "/leader/resign")
@@ -382,7 +387,7 @@ def test_streams_past_the_cap_get_503_and_resource_exhausted(
     one = sidecars("capped", [*local_args(tmp_path), "--max-streams", "3"]).wait_started()
     one.wait_for(lambda s: bool(s.get("is_leader")))  # the harness's own SSE stream is one
     held_sse, held_rpc = SseWatch(one.port), GrpcWatch(grpc_address(one))
-    held_rpc.wait_for(lambda m: True)
+    held_rpc.wait_for(lambda m: True, since=0.0)
     refused = SseWatch(one.port)
     assert refused.status == 503
     refused_rpc = GrpcWatch(grpc_address(one))
@@ -393,7 +398,7 @@ def test_streams_past_the_cap_get_503_and_resource_exhausted(
     held_rpc.close()
     time.sleep(0.2)
     again = GrpcWatch(grpc_address(one))
-    again.wait_for(lambda m: True)  # a slot was freed
+    again.wait_for(lambda m: True, since=0.0)  # a slot was freed
     again.close()
     held_sse.close()
 
@@ -432,7 +437,7 @@ def test_shutdown_timeout_bounds_the_whole_shutdown_when_the_release_hangs(
     leader = sidecars("slow-exit", args).wait_started()
     leader.wait_for(lambda s: bool(s.get("is_leader")))
     rpc = GrpcWatch(grpc_address(leader))
-    rpc.wait_for(leader_grpc)
+    rpc.wait_for(leader_grpc, since=0.0)
     relay.freeze()
     sent = time.monotonic()
     leader.proc.send_signal(signal.SIGTERM)
