@@ -395,6 +395,16 @@ class ElectionCore:
         """Whether the app may act as leader at local time `now`."""
         return self._leading and self._announced and now < self._valid_until
 
+    def holder(self, now: float) -> str:
+        """Who holds the Lease as far as this replica knows: itself from the moment it won
+        (even before its app is told), else the record's holder while its lease runs, else ""
+        (free, expired, or unknown). For sharding's bookkeeping, never for a claim."""
+        if self._leading:
+            return self.identity
+        if self._record is None or not self._held(now):
+            return ""
+        return self._record.record.holder_identity
+
     def view(self, now: float) -> View:
         record = self._record.record if self._record else None
         if self.is_leader(now):
