@@ -14,6 +14,7 @@ shard has an owner within a bound, owned counts differ by at most one, and then 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
@@ -299,7 +300,7 @@ class ShardWorld:
                 when = self.now + self.rng.uniform(0, 1.5)
             session = replica.watch_session
             event = sharded.MembersSeen(snapshot)
-            self.at(when, lambda r=replica, s=session, e=event: self._arrive(r, s, e))
+            self.at(when, functools.partial(self._arrive, replica, session, event))
 
     # ------------------------------------------------------------------ network
 
@@ -412,7 +413,7 @@ class ShardWorld:
             else:
                 replica.watch_last_delivery = when
             event = sharded.ShardEvent(shard, core.WatchEvent(current))
-            self.at(when, lambda r=replica, s=session, e=event: self._arrive(r, s, e))
+            self.at(when, functools.partial(self._arrive, replica, session, event))
 
     def _arrive(self, replica: SReplica, session: int, event: Any) -> None:
         if replica.watch_session == session:
