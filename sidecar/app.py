@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from sidecar.events import LeaderEvents
     from sidecar.integration.notify import Notifier
     from sidecar.integration.pod_label import PodLabeler
+    from sidecar.shards.runner import ShardRunner
+    from sidecar.shards.snapshot import ShardsBroadcaster
 
 ELECTION_SHARE = 0.8  # of --shutdown-timeout: tell the app, hooks, release
 SERVERS_GRACE = 1.0  # at most, for calls in flight when the servers close
@@ -117,7 +119,7 @@ class _Budget:
 
 
 class _Control:
-    def __init__(self, elector: Elector) -> None:
+    def __init__(self, elector: Elector | ShardRunner) -> None:
         self.elector = elector
         self.task: asyncio.Task[None] | None = None
 
@@ -386,20 +388,31 @@ async def _start(
         notifier = Notifier(settings.notify_url, broadcaster)
 
     hooks = _StepDownHooks(labeler, notifier) if labeler or notifier else None
-    elector = Elector(
-        lock,
-        settings.identity,
-        Timings(settings.lease_duration, settings.renew_deadline, settings.retry_period),
-        broadcaster,
-        lease_name=name,
-        namespace=namespace,
-        hooks=hooks,
-        observer=_Observers(metrics, events) if events is not None else metrics,
-    )
+    elector: Elector | ShardRunner
+    shards: tuple[ShardsBroadcaster, ShardRunner] | None = None
+    if settings.shards:
+        from sidecar.shards.wiring import open_shards
+
+        elector, shard_broadcaster = open_shards(
+            settings, backend, broadcaster, hooks, metrics.registry
+        )
+        stack.callback(shard_broadcaster.close)
+        shards = (shard_broadcaster, elector)
+    else:
+        elector = Elector(
+            lock,
+            settings.identity,
+            Timings(settings.lease_duration, settings.renew_deadline, settings.retry_period),
+            broadcaster,
+            lease_name=name,
+            namespace=namespace,
+            hooks=hooks,
+            observer=_Observers(metrics, events) if events is not None else metrics,
+        )
     control = _Control(elector)
     slots = StreamSlots(settings.max_streams)
 
-    http_api = HttpApi(broadcaster, control, metrics, guard, slots)
+    http_api = HttpApi(broadcaster, control, metrics, guard, slots, shards=shards)
     metrics.count_subscribers("sse", lambda: http_api.streams)
     runner = await _listen(
         stack, http_api.app(), settings.http_host, settings.http_port, "--http-address"
@@ -481,7 +494,9 @@ async def _start(
     return structlog.contextvars.get_contextvars()
 
 
-async def _stop_election(control: _Control, elector: Elector, budget: _Budget) -> None:
+async def _stop_election(
+    control: _Control, elector: Elector | ShardRunner, budget: _Budget
+) -> None:
     """Cancel the loop, then tell the app and release, within the election's share of T."""
     log: Any = structlog.get_logger("app")
     assert control.task is not None

@@ -143,6 +143,7 @@ class Settings:
     api_token_reads: bool = False
     api_allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback
     max_streams: int = 1024  # open SSE + gRPC Watch streams
+    shards: int | None = None  # --shards N: N shard elections instead of one leader
 
 
 def check_timings(lease: float, renew: float, retry: float) -> None:

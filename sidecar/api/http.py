@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 
 from sidecar.api.guard import Denied, Guard, StreamSlots
+from sidecar.api.shards_http import ShardControl, ShardsHttp
 from sidecar.leadership import Broadcaster, Leadership
 
 if TYPE_CHECKING:
     from sidecar.election.elector import Resignation
+    from sidecar.shards.snapshot import ShardsBroadcaster
 
 NO_CACHE = {"Cache-Control": "no-cache"}
 SSE_KEEPALIVE_SECONDS = 15.0
@@ -58,6 +60,7 @@ class HttpApi:
         metrics: MetricsSource | None = None,
         guard: Guard | None = None,
         slots: StreamSlots | None = None,
+        shards: tuple[ShardsBroadcaster, ShardControl] | None = None,
     ) -> None:
         self._broadcaster = broadcaster
         self._control = control
@@ -65,7 +68,23 @@ class HttpApi:
         self._guard = guard or Guard()
         self._slots = slots or StreamSlots(None)
         self._closing = asyncio.Event()
-        self.streams = 0  # open event streams (the leader_sidecar_subscribers{api="sse"} gauge)
+        self._streams = 0
+        self._shards = ShardsHttp(
+            shards[0] if shards else None,
+            shards[1] if shards else None,
+            self._slots,
+            self._closing,
+            _wants_stream,
+        )
+
+    @property
+    def streams(self) -> int:
+        """Open event streams (the leader_sidecar_subscribers{api="sse"} gauge)."""
+        return self._streams + self._shards.streams
+
+    @streams.setter
+    def streams(self, value: int) -> None:
+        self._streams = value
 
     def close(self) -> None:
         """End every event stream (at shutdown, after the last state was sent)."""
@@ -82,6 +101,7 @@ class HttpApi:
         app.router.add_post("/leader/resign", self.resign)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        self._shards.add_routes(app)
         if self._metrics is not None:
             app.router.add_get("/metrics", metrics_handler(self._metrics))
         return app

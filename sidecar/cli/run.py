@@ -47,6 +47,8 @@ class Option:
         return ENV_PREFIX + self.dest.upper()
 
 
+MAX_SHARDS = 1024  # each shard is a Lease, a watch and a renewal per retry period
+
 OPTIONS = (
     Option(
         "--election",
@@ -66,6 +68,12 @@ OPTIONS = (
         "--lease-name", "Lease name; default: <lease-prefix>-<16 hex of sha256(election)>", "NAME"
     ),
     Option("--lease-prefix", "prefix of the derived Lease name", "PREFIX", "leader-sidecar"),
+    Option(
+        "--shards",
+        "own shards instead of electing one leader: N shard Leases (<lease-name>-<i>), "
+        "spread over the live replicas, balanced within one (GET /shards)",
+        "N",
+    ),
     Option(
         "--lease-duration",
         "how long followers wait after the last renewal they saw before taking over",
@@ -349,7 +357,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host.strip() for host in (text("--api-allowed-hosts") or "").split(",") if host.strip()
     )
     max_streams = _convert(args, by_flag["--max-streams"], parse_positive_int)
+    shards = _convert(args, by_flag["--shards"], parse_positive_int)
+    if shards is not None and shards > MAX_SHARDS:
+        raise ConfigError(f"--shards must be at most {MAX_SHARDS} (got {shards})")
     return Settings(
+        shards=shards,
         api_token_file=Path(token_file) if token_file else None,
         api_token_reads=token_reads,
         api_allowed_hosts=allowed_hosts,

@@ -198,7 +198,13 @@ class ShardedCore:
 
     @property
     def desired(self) -> tuple[str, ...]:
+        """Each shard's owner by the assignment, as of the last step."""
         return self._desired
+
+    @property
+    def holders(self) -> tuple[str, ...]:
+        """Each shard's holder as observed, as of the last step ("" free or unknown)."""
+        return self._holders
 
     def step(self, event: ShardedEvent, now: float, wall: datetime) -> list[ShardedAction]:
         out: list[ShardedAction] = []
