@@ -161,6 +161,7 @@ class Resign:
 class SetEligible:
     eligible: bool
     app_health: str | None = None
+    reason: str | None = None  # why not, for the logs (default: the app is unhealthy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,13 +485,13 @@ class ElectionCore:
                     self._resign_pending = True
                     self._sit_out_until = now + self._longest_duration
                     self._begin_step_down("resigned", now, out)
-            case SetEligible(eligible, app_health):
+            case SetEligible(eligible, app_health, reason):
                 if eligible != self._eligible:
-                    out.append(Log("info", "eligibility changed", (("eligible", eligible),)))
+                    out.append(Log("debug", "eligibility changed", (("eligible", eligible),)))
                 self._eligible = eligible
                 self._app_health = app_health
                 if not eligible and self._leading and self._stepping is None:
-                    self._begin_step_down("the app is unhealthy", now, out)
+                    self._begin_step_down(reason or "the app is unhealthy", now, out)
             case SetOutdated(outdated):
                 if outdated != self._outdated:
                     out.append(Log("info", "rollout", (("outdated", outdated),)))

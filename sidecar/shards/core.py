@@ -302,7 +302,14 @@ class ShardedCore:
             eligible = may and (desired[i] == self.identity or orphaned)
             if eligible != self._eligible[i]:
                 self._eligible[i] = eligible
-                self._step_core(i, core.SetEligible(eligible, self._app_health), now, wall, out)
+                if not self._healthy:
+                    reason = "the app is unhealthy"
+                elif self._shutting_down:
+                    reason = "shutdown"
+                else:
+                    reason = f"shard assigned to {desired[i] or 'nobody'}"
+                change = core.SetEligible(eligible, self._app_health, reason)
+                self._step_core(i, change, now, wall, out)
 
     def _may_campaign(self) -> bool:
         return self._announced and self._members_ready and self._healthy and not self._shutting_down
