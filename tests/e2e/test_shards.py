@@ -25,8 +25,9 @@ SHARDS, REPLICAS = 32, 5
 
 
 class ShardFleet:
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], shards: int = SHARDS) -> None:
         self.args = args
+        self.shards = shards
         self.everyone: list[ShardReplica] = []
         self.live: dict[str, ShardReplica] = {}
 
@@ -45,7 +46,7 @@ class ShardFleet:
 
     def balanced(self) -> bool:
         owners = self.owners()
-        if len(owners) != SHARDS or any(len(o) != 1 for o in owners.values()):
+        if len(owners) != self.shards or any(len(o) != 1 for o in owners.values()):
             return False
         counts = {name: 0 for name in self.live}
         for (name,) in owners.values():
@@ -193,3 +194,32 @@ def test_32_shards_over_5_replicas_through_rolling_restarts_and_kills(
     if out:
         Path(out).write_text(json.dumps(figures, indent=2) + "\n")
     assert max(crash) <= LEASE + 1.0, figures
+
+
+def test_the_local_backend_shards_processes_on_one_machine(tmp_path: Path) -> None:
+    """`leader-sidecar run --election demo --shards 8` in three terminals, as the README says."""
+    shards = 8
+    args = ["--backend", "local", "--local-dir", str(tmp_path), "--election", "demo"]
+    fleet = ShardFleet([*args, "--shards", str(shards)], shards)
+    try:
+        for i in range(3):
+            fleet.start(f"terminal-{i}")
+        for replica in fleet.live.values():
+            replica.wait_started()
+        fleet.settle()
+        before = fleet.snapshot()
+        leaving = fleet.live.pop("terminal-1")
+        leaving.terminate()
+        assert leaving.wait_exit() == 0
+        fleet.settle()
+        after = fleet.snapshot()
+        assert set(after.values()) == {"terminal-0", "terminal-2"}
+        moved = [s for s in range(shards) if before[s] != after[s]]
+        assert all(before[s] == "terminal-1" for s in moved)  # only the leaver's shards moved
+        fleet.start("terminal-1").wait_started()
+        fleet.settle()
+        assert sorted(set(fleet.snapshot().values())) == ["terminal-0", "terminal-1", "terminal-2"]
+    finally:
+        fleet.stop_all()
+    reports = check_shards(fleet.everyone, shards)
+    assert not [v for r in reports for v in r.violations]
