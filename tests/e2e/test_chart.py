@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "on-api-token": {
         "leaderElection": {"enabled": True, "apiToken": {"secretName": "shop-api", "reads": True}}
     },
+    "on-shards": {"leaderElection": {"enabled": True, "shards": 4}},
     "on-shared-token-no-grpc": {
         "leaderElection": {
             "enabled": True,
@@ -524,6 +525,50 @@ def test_the_charts_rbac_runs_an_election_and_grants_no_more(
     assert not can(kube_cluster, token, namespace, "list", "replicasets", group="apps")
     assert not can(kube_cluster, token, namespace, "get", "secrets")
     assert not can(kube_cluster, token, "kube-system", "get", "leases", name=lease["name"], **other)
+
+
+def test_the_shards_value_sets_the_flag_and_its_rbac_runs_the_shards(
+    kube_cluster: Cluster,
+    namespace: str,
+    render: Callable[..., list[Manifest]],
+    sidecars: Callable[..., Sidecar],
+) -> None:
+    docs = render({"leaderElection": {"enabled": True, "shards": 4}}, namespace=namespace)
+    container = sidecar_container(docs)
+    assert "--shards=4" in container["args"]
+    app = pod_spec(docs)["containers"][0]
+    assert app["command"][-1] == "$(LEADER_SIDECAR_HTTP)/shards?watch=true"
+    lease = lease_name("leader-sidecar", "shop-example-app")
+    (rule, *_) = lease_rules(by_kind(docs)["Role"])
+    assert rule["resourceNames"] == [f"{lease}-{i}" for i in range(4)]
+    token = apply_rbac(kube_cluster, namespace, docs)
+    args = [*local_args(container), "--kubeconfig", str(kube_cluster.kubeconfig_for(token))]
+    group = start_all(
+        sidecars(f"shop-{i}", args, {"POD_NAME": f"shop-{i}", "POD_NAMESPACE": namespace})
+        for i in range(2)
+    )
+
+    def owned() -> list[list[int]]:
+        return [[o["shard"] for o in s.request("GET", "/shards")[1]["owned"]] for s in group]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if sorted(len(o) for o in owned()) == [2, 2]:
+            break
+        time.sleep(0.1)
+    mine = owned()
+    assert sorted(shard for o in mine for shard in o) == [0, 1, 2, 3], mine
+    for sidecar in group:
+        events = sidecar.log_events()
+        assert "backend error" not in events and "member record failed" not in events, (
+            sidecar.log_text()
+        )
+        assert "member watch failed" not in events, sidecar.log_text()
+    other = {"group": "coordination.k8s.io"}
+    for verb in ("get", "watch", "update"):
+        assert can(kube_cluster, token, namespace, verb, "leases", name=f"{lease}-3", **other)
+    assert not can(kube_cluster, token, namespace, "patch", "leases", name=f"{lease}-3", **other)
+    assert not can(kube_cluster, token, "kube-system", "list", "leases", **other)
 
 
 def test_label_pod_and_events_work_with_the_charts_rbac(

@@ -139,6 +139,9 @@ args:
   - {{ printf "--lease-prefix=%s" $v.leasePrefix | quote }}
   {{- end }}
   - {{ printf "--lease-duration=%v" $v.leaseDuration | quote }}
+  {{- if $v.shards }}
+  - {{ printf "--shards=%v" (int $v.shards) | quote }}
+  {{- end }}
   {{- with $v.renewDeadline }}
   - {{ printf "--renew-deadline=%v" . | quote }}
   {{- end }}
@@ -333,12 +336,29 @@ rules:
   - apiGroups: [coordination.k8s.io]
     resources: [leases]
     {{- if $v.rbac.restrictToLease }}
+    {{- if $v.shards }}
+    {{- $lease := include "leader-sidecar.leaseName" . }}
+    # --shards: the shard Leases' names are known from N.
+    resourceNames:
+      {{- range $i := until (int $v.shards) }}
+      - {{ printf "%s-%d" $lease $i | quote }}
+      {{- end }}
+    {{- else }}
     resourceNames: [{{ include "leader-sidecar.leaseName" . | quote }}]
+    {{- end }}
     {{- end }}
     verbs: [get, watch, update]
   - apiGroups: [coordination.k8s.io]
     resources: [leases]
     verbs: [create]
+  {{- if $v.shards }}
+  # --shards: each replica's member Lease (<lease>-m-<hash of the pod name>) is found by label
+  # (list, watch), read and renewed (get, update) and deleted on shutdown; its name comes from
+  # the pod's, so resourceNames cannot name it.
+  - apiGroups: [coordination.k8s.io]
+    resources: [leases]
+    verbs: [get, list, watch, update, delete]
+  {{- end }}
   {{- if $v.discovery }}
   - apiGroups: [""]
     resources: [pods]
