@@ -427,7 +427,9 @@ async def _start(
 
         # On its own thread and loop: fanning a change out to many streams must not delay
         # the elector or the HTTP API (see sidecar/api/grpc_thread.py).
-        grpc_api = ThreadedGrpcApi(broadcaster, control, guard, slots, on_crash=stop.crashed)
+        grpc_api = ThreadedGrpcApi(
+            broadcaster, control, guard, slots, on_crash=stop.crashed, shards=shards
+        )
         try:
             grpc_listening = await grpc_api.start(settings.grpc_address)
         except GrpcAddressError as exc:

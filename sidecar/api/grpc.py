@@ -30,9 +30,12 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.api._pb.leadersidecar.v1 import leader_pb2 as pb
 from sidecar.api.guard import Guard, StreamSlots
 from sidecar.api.http import Control
+from sidecar.api.shards_http import NOT_SHARDED, ShardControl
 from sidecar.leadership import Broadcaster, Leadership, Role
+from sidecar.shards.snapshot import ShardsBroadcaster, ShardsSnapshot
 
 SERVICE = "leadersidecar.v1.LeaderElection"
+SHARDS_SERVICE = "leadersidecar.v1.Shards"
 # Health-only service name: SERVING on the leader alone, for probes and load balancers.
 LEADER_SERVICE = "leadersidecar.v1.Leader"
 
@@ -108,6 +111,31 @@ def to_message(
         valid_for = snapshot.valid_for_ms(now)
         if valid_for is not None:
             message.valid_for_ms = valid_for
+    return message
+
+
+def shard_message(snapshot: ShardsSnapshot, monotonic_now: float | None = None) -> pb.ShardSet:
+    """The protobuf form of a shard set: the same facts as HTTP `/shards`."""
+    now = time.monotonic() if monotonic_now is None else monotonic_now
+    view = snapshot.as_of(now)
+    message = pb.ShardSet(
+        shards=snapshot.shards,
+        identity=snapshot.identity,
+        members=list(snapshot.members),
+        assignment={i: h for i, h in enumerate(snapshot.assignment) if h},
+        desired={i: h for i, h in enumerate(snapshot.desired) if h},
+        error=snapshot.error or "",
+        ready=snapshot.ready,
+        revision=snapshot.revision,
+    )
+    message.observed_at.FromDatetime(snapshot.observed_at)
+    for owned in view.owned:
+        entry = message.owned.add(
+            shard=owned.shard,
+            fencing_token=owned.fencing_token,
+            valid_for_ms=max(0, int((owned.valid_until_monotonic - now) * 1000)),
+        )
+        entry.valid_until.FromDatetime(owned.valid_until)
     return message
 
 
@@ -234,9 +262,11 @@ class GrpcApi:
         control: Control,
         guard: Guard | None = None,
         slots: StreamSlots | None = None,
+        shards: tuple[ShardsBroadcaster, ShardControl] | None = None,
     ) -> None:
         self._broadcaster = broadcaster
         self._control = control
+        self._shards = shards
         self._guard = guard or Guard()
         self._slots = slots or StreamSlots(None)
         self._encoder = _Encoder()
@@ -270,9 +300,18 @@ class GrpcApi:
         # Registered methods are looked up by the core, not by string matching in Python.
         server.add_registered_method_handlers(SERVICE, handlers)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        shard_handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
+            "GetShards": grpc.unary_unary_rpc_method_handler(self._get_shards),
+            "Watch": grpc.unary_stream_rpc_method_handler(self._watch_shards),
+            "Release": grpc.unary_unary_rpc_method_handler(self._release_shard),
+        }
+        server.add_registered_method_handlers(SHARDS_SERVICE, shard_handlers)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SHARDS_SERVICE, shard_handlers),)
+        )
         add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+            (SERVICE, SHARDS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
         try:
             port = server.add_insecure_port(address)
@@ -365,6 +404,68 @@ class GrpcApi:
                 f"stepped down, but the Lease was not released: {outcome.error}",
             )
         return pb.ResignResponse(identity=self.snapshot().identity).SerializeToString()
+
+    # ---------------------------------------------------------------- shards
+
+    async def _shard_source(self, context: Context) -> tuple[ShardsBroadcaster, ShardControl]:
+        if self._shards is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_SHARDED)
+        assert self._shards is not None
+        return self._shards
+
+    async def _get_shards(self, request: bytes, context: Context) -> bytes:
+        await _parse(request, pb.GetShardsRequest, context)
+        await self._authorise(context, write=False)
+        broadcaster, _ = await self._shard_source(context)
+        return shard_message(broadcaster.current).SerializeToString()
+
+    async def _watch_shards(self, request: bytes, context: Context) -> None:
+        await _parse(request, pb.WatchShardsRequest, context)
+        await self._authorise(context, write=False)
+        broadcaster, _ = await self._shard_source(context)
+        task = asyncio.current_task()
+        if self._closing or task is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
+        if not self._slots.acquire():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._slots.refusal())
+        assert task is not None
+        self._streams.add(task)
+        updates = broadcaster.subscribe()
+        try:
+            async for snapshot in updates:
+                await context.write(shard_message(snapshot).SerializeToString())
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            task.uncancel()
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(STOPPING)
+        finally:
+            await updates.aclose()
+            self._slots.release()
+            self._streams.discard(task)
+
+    async def _release_shard(self, request: bytes, context: Context) -> bytes:
+        message = await _parse(request, pb.ReleaseShardRequest, context)
+        await self._authorise(context, write=True)
+        _, control = await self._shard_source(context)
+        shard = message.shard
+        if shard >= control.shard_count:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no shard {shard}: shards are 0 to {control.shard_count - 1}",
+            )
+        outcome = await control.release(shard)
+        if not outcome.led:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"this replica does not own shard {shard}"
+            )
+        if not outcome.released:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"stopped owning shard {shard}, but its Lease was not released: {outcome.error}",
+            )
+        return pb.ReleaseShardResponse(shard=shard).SerializeToString()
 
     # ---------------------------------------------------------------- health
 

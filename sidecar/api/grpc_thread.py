@@ -25,11 +25,29 @@ from sidecar.leadership import Broadcaster
 
 if TYPE_CHECKING:
     from sidecar.api.grpc import GrpcApi
+    from sidecar.api.shards_http import ShardControl
     from sidecar.election.elector import Resignation
+    from sidecar.shards.snapshot import ShardsBroadcaster
 
 T = TypeVar("T")
 RELAY_SECONDS = 1.0  # at most, per change, for every gRPC stream to have written it
 OnCrash = Callable[[str, BaseException], None]
+
+
+class _MainShards:
+    """The shard control as seen from the gRPC loop: releases run on the main loop."""
+
+    def __init__(self, control: ShardControl, main: asyncio.AbstractEventLoop) -> None:
+        self._control = control
+        self._main = main
+
+    @property
+    def shard_count(self) -> int:
+        return self._control.shard_count
+
+    async def release(self, shard: int) -> Resignation:
+        future = asyncio.run_coroutine_threadsafe(self._control.release(shard), self._main)
+        return await asyncio.wrap_future(future)
 
 
 class _MainControl:
@@ -55,7 +73,10 @@ class ThreadedGrpcApi:
         guard: Guard,
         slots: StreamSlots,
         on_crash: OnCrash,
+        shards: tuple[ShardsBroadcaster, ShardControl] | None = None,
     ) -> None:
+        self._shards = shards
+        self._shard_mirror: ShardsBroadcaster | None = None
         self._broadcaster = broadcaster
         self._control = control
         self._guard = guard
@@ -94,8 +115,18 @@ class ThreadedGrpcApi:
         from sidecar.api.grpc import GrpcApi
 
         self._mirror = Broadcaster(self._broadcaster.current)
+        shards: tuple[ShardsBroadcaster, ShardControl] | None = None
+        if self._shards is not None:
+            from sidecar.shards.snapshot import ShardsBroadcaster
+
+            self._shard_mirror = ShardsBroadcaster(self._shards[0].current)
+            shards = (self._shard_mirror, _MainShards(self._shards[1], main))
         self._api = GrpcApi(
-            self._mirror, _MainControl(self._control, main), self._guard, self._slots
+            self._mirror,
+            _MainControl(self._control, main),
+            self._guard,
+            self._slots,
+            shards=shards,
         )
         listening = await self._api.start(address)
         health = self._api.health_task
@@ -109,10 +140,31 @@ class ThreadedGrpcApi:
         return listening
 
     async def _forward(self) -> None:
+        if self._shards is not None:
+            await asyncio.gather(self._forward_leadership(), self._forward_shards())
+        else:
+            await self._forward_leadership()
+
+    async def _forward_leadership(self) -> None:
         with self._broadcaster.subscription() as updates:
             while True:
                 snapshot = await updates.next()
                 await self._there(self._relay(snapshot))
+
+    async def _forward_shards(self) -> None:
+        """As for leadership: the next shard set only once every gRPC stream wrote this one."""
+        assert self._shards is not None
+        updates = self._shards[0].subscribe()
+        try:
+            async for snapshot in updates:
+                await self._there(self._relay_shards(snapshot))
+        finally:
+            await updates.aclose()
+
+    async def _relay_shards(self, snapshot: Any) -> None:
+        assert self._shard_mirror is not None
+        self._shard_mirror.relay(snapshot)
+        await self._shard_mirror.delivered(timeout=RELAY_SECONDS)
 
     async def _relay(self, snapshot: Any) -> None:
         assert self._mirror is not None

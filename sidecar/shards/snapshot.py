@@ -126,6 +126,11 @@ class ShardsBroadcaster:
         self._current = replace(snapshot, revision=previous.revision + 1)
         self._wake()
 
+    def relay(self, snapshot: ShardsSnapshot) -> None:
+        """Take another broadcaster's snapshot as it is (the gRPC thread's mirror)."""
+        self._current = snapshot
+        self._wake()
+
     def close(self) -> None:
         for handle in (self._heartbeat, self._expiry):
             if handle is not None:

@@ -150,3 +150,63 @@ async def test_without_shards_the_shard_paths_say_so_with_404() -> None:
         assert response.status == 404
         assert "--shards" in (await response.json())["error"]
         assert (await client.post("/shards/0/release")).status == 404
+
+
+# ---------------------------------------------------------------------------------- gRPC
+
+
+async def test_grpc_shards_get_watch_and_release() -> None:
+    import grpc
+
+    from sidecar.api._pb.leadersidecar.v1 import leader_pb2 as pb
+    from sidecar.api._pb.leadersidecar.v1 import leader_pb2_grpc as pb_grpc
+    from sidecar.api.grpc import GrpcApi
+
+    shards = ShardsBroadcaster(_shards())
+    control = FakeShards()
+    api = GrpcApi(Broadcaster(_leader()), FakeControl(), shards=(shards, control))
+    address = await api.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub: Any = pb_grpc.ShardsStub(channel)  # type: ignore[no-untyped-call]
+            first = await stub.GetShards(pb.GetShardsRequest())
+            assert first.shards == 4 and list(first.owned) == []
+            assert dict(first.assignment) == {0: "me", 1: "other", 3: "other"}
+            stream = stub.Watch(pb.WatchShardsRequest())
+            assert list((await stream.read()).owned) == []
+            deadline = time.monotonic() + 5
+            owned = (OwnedShard(0, 7, datetime(2024, 1, 1, tzinfo=UTC), deadline),)
+            shards.publish(_shards(owned))
+            changed = await stream.read()
+            assert [(o.shard, o.fencing_token) for o in changed.owned] == [(0, 7)]
+            assert 0 < changed.owned[0].valid_for_ms <= 5000
+            stream.cancel()
+            assert (await stub.Release(pb.ReleaseShardRequest(shard=0))).shard == 0
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Release(pb.ReleaseShardRequest(shard=1))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.Release(pb.ReleaseShardRequest(shard=9))
+            assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await api.stop(grace=0)
+
+
+async def test_grpc_shards_without_shards_is_a_failed_precondition() -> None:
+    import grpc
+
+    from sidecar.api._pb.leadersidecar.v1 import leader_pb2 as pb
+    from sidecar.api._pb.leadersidecar.v1 import leader_pb2_grpc as pb_grpc
+    from sidecar.api.grpc import GrpcApi
+
+    api = GrpcApi(Broadcaster(_leader()), FakeControl())
+    address = await api.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub: Any = pb_grpc.ShardsStub(channel)  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetShards(pb.GetShardsRequest())
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--shards" in (refused.value.details() or "")
+    finally:
+        await api.stop(grace=0)

@@ -502,6 +502,363 @@ func (x *Lease) GetDurationSeconds() int32 {
 	return 0
 }
 
+type GetShardsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetShardsRequest) Reset() {
+	*x = GetShardsRequest{}
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetShardsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetShardsRequest) ProtoMessage() {}
+
+func (x *GetShardsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetShardsRequest.ProtoReflect.Descriptor instead.
+func (*GetShardsRequest) Descriptor() ([]byte, []int) {
+	return file_leadersidecar_v1_leader_proto_rawDescGZIP(), []int{6}
+}
+
+type WatchShardsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchShardsRequest) Reset() {
+	*x = WatchShardsRequest{}
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchShardsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchShardsRequest) ProtoMessage() {}
+
+func (x *WatchShardsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchShardsRequest.ProtoReflect.Descriptor instead.
+func (*WatchShardsRequest) Descriptor() ([]byte, []int) {
+	return file_leadersidecar_v1_leader_proto_rawDescGZIP(), []int{7}
+}
+
+type ReleaseShardRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint32                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseShardRequest) Reset() {
+	*x = ReleaseShardRequest{}
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseShardRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseShardRequest) ProtoMessage() {}
+
+func (x *ReleaseShardRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseShardRequest.ProtoReflect.Descriptor instead.
+func (*ReleaseShardRequest) Descriptor() ([]byte, []int) {
+	return file_leadersidecar_v1_leader_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ReleaseShardRequest) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+type ReleaseShardResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint32                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReleaseShardResponse) Reset() {
+	*x = ReleaseShardResponse{}
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReleaseShardResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReleaseShardResponse) ProtoMessage() {}
+
+func (x *ReleaseShardResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReleaseShardResponse.ProtoReflect.Descriptor instead.
+func (*ReleaseShardResponse) Descriptor() ([]byte, []int) {
+	return file_leadersidecar_v1_leader_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ReleaseShardResponse) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+type ShardSet struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// N, as given by --shards.
+	Shards uint32 `protobuf:"varint,1,opt,name=shards,proto3" json:"shards,omitempty"`
+	// This replica's identity.
+	Identity string `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"`
+	// The shards this replica may act on now, by shard number.
+	Owned []*OwnedShard `protobuf:"bytes,3,rep,name=owned,proto3" json:"owned,omitempty"`
+	// The live members (replicas) as this replica sees them.
+	Members []string `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"`
+	// Each shard's holder as observed (shards without a known holder are left out).
+	Assignment map[uint32]string `protobuf:"bytes,5,rep,name=assignment,proto3" json:"assignment,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Each shard's owner by the balanced assignment the replicas converge to.
+	Desired map[uint32]string `protobuf:"bytes,6,rep,name=desired,proto3" json:"desired,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// When the sidecar produced this set (wall clock).
+	ObservedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=observed_at,json=observedAt,proto3" json:"observed_at,omitempty"`
+	// Why a backend call fails right now; "" when none does.
+	Error string `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"`
+	// False until every shard Lease has been seen once.
+	Ready bool `protobuf:"varint,9,opt,name=ready,proto3" json:"ready,omitempty"`
+	// Grows with every change of the facts (not with renewals).
+	Revision      uint64 `protobuf:"varint,10,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardSet) Reset() {
+	*x = ShardSet{}
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardSet) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardSet) ProtoMessage() {}
+
+func (x *ShardSet) ProtoReflect() protoreflect.Message {
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardSet.ProtoReflect.Descriptor instead.
+func (*ShardSet) Descriptor() ([]byte, []int) {
+	return file_leadersidecar_v1_leader_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *ShardSet) GetShards() uint32 {
+	if x != nil {
+		return x.Shards
+	}
+	return 0
+}
+
+func (x *ShardSet) GetIdentity() string {
+	if x != nil {
+		return x.Identity
+	}
+	return ""
+}
+
+func (x *ShardSet) GetOwned() []*OwnedShard {
+	if x != nil {
+		return x.Owned
+	}
+	return nil
+}
+
+func (x *ShardSet) GetMembers() []string {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *ShardSet) GetAssignment() map[uint32]string {
+	if x != nil {
+		return x.Assignment
+	}
+	return nil
+}
+
+func (x *ShardSet) GetDesired() map[uint32]string {
+	if x != nil {
+		return x.Desired
+	}
+	return nil
+}
+
+func (x *ShardSet) GetObservedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ObservedAt
+	}
+	return nil
+}
+
+func (x *ShardSet) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *ShardSet) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *ShardSet) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type OwnedShard struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Shard uint32                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	// The shard Lease's leaseTransitions when this replica acquired it: grows per shard.
+	FencingToken int64 `protobuf:"varint,2,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
+	// Act on the shard until then, no longer, unless a newer message extends it.
+	ValidUntil *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=valid_until,json=validUntil,proto3" json:"valid_until,omitempty"`
+	// The remaining validity in milliseconds when this message was built.
+	ValidForMs    int64 `protobuf:"varint,4,opt,name=valid_for_ms,json=validForMs,proto3" json:"valid_for_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OwnedShard) Reset() {
+	*x = OwnedShard{}
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OwnedShard) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OwnedShard) ProtoMessage() {}
+
+func (x *OwnedShard) ProtoReflect() protoreflect.Message {
+	mi := &file_leadersidecar_v1_leader_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OwnedShard.ProtoReflect.Descriptor instead.
+func (*OwnedShard) Descriptor() ([]byte, []int) {
+	return file_leadersidecar_v1_leader_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *OwnedShard) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *OwnedShard) GetFencingToken() int64 {
+	if x != nil {
+		return x.FencingToken
+	}
+	return 0
+}
+
+func (x *OwnedShard) GetValidUntil() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ValidUntil
+	}
+	return nil
+}
+
+func (x *OwnedShard) GetValidForMs() int64 {
+	if x != nil {
+		return x.ValidForMs
+	}
+	return 0
+}
+
 var File_leadersidecar_v1_leader_proto protoreflect.FileDescriptor
 
 const file_leadersidecar_v1_leader_proto_rawDesc = "" +
@@ -548,11 +905,50 @@ const file_leadersidecar_v1_leader_proto_rawDesc = "" +
 	"renew_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\trenewTime\x12.\n" +
 	"\x10duration_seconds\x18\x06 \x01(\x05H\x01R\x0fdurationSeconds\x88\x01\x01B\x0e\n" +
 	"\f_transitionsB\x13\n" +
-	"\x11_duration_seconds2\xf5\x01\n" +
+	"\x11_duration_seconds\"\x12\n" +
+	"\x10GetShardsRequest\"\x14\n" +
+	"\x12WatchShardsRequest\"+\n" +
+	"\x13ReleaseShardRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\rR\x05shard\",\n" +
+	"\x14ReleaseShardResponse\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\rR\x05shard\"\x9b\x04\n" +
+	"\bShardSet\x12\x16\n" +
+	"\x06shards\x18\x01 \x01(\rR\x06shards\x12\x1a\n" +
+	"\bidentity\x18\x02 \x01(\tR\bidentity\x122\n" +
+	"\x05owned\x18\x03 \x03(\v2\x1c.leadersidecar.v1.OwnedShardR\x05owned\x12\x18\n" +
+	"\amembers\x18\x04 \x03(\tR\amembers\x12J\n" +
+	"\n" +
+	"assignment\x18\x05 \x03(\v2*.leadersidecar.v1.ShardSet.AssignmentEntryR\n" +
+	"assignment\x12A\n" +
+	"\adesired\x18\x06 \x03(\v2'.leadersidecar.v1.ShardSet.DesiredEntryR\adesired\x12;\n" +
+	"\vobserved_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"observedAt\x12\x14\n" +
+	"\x05error\x18\b \x01(\tR\x05error\x12\x14\n" +
+	"\x05ready\x18\t \x01(\bR\x05ready\x12\x1a\n" +
+	"\brevision\x18\n" +
+	" \x01(\x04R\brevision\x1a=\n" +
+	"\x0fAssignmentEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a:\n" +
+	"\fDesiredEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa6\x01\n" +
+	"\n" +
+	"OwnedShard\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\rR\x05shard\x12#\n" +
+	"\rfencing_token\x18\x02 \x01(\x03R\ffencingToken\x12;\n" +
+	"\vvalid_until\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"validUntil\x12 \n" +
+	"\fvalid_for_ms\x18\x04 \x01(\x03R\n" +
+	"validForMs2\xf5\x01\n" +
 	"\x0eLeaderElection\x12M\n" +
 	"\tGetLeader\x12\".leadersidecar.v1.GetLeaderRequest\x1a\x1c.leadersidecar.v1.Leadership\x12G\n" +
 	"\x05Watch\x12\x1e.leadersidecar.v1.WatchRequest\x1a\x1c.leadersidecar.v1.Leadership0\x01\x12K\n" +
-	"\x06Resign\x12\x1f.leadersidecar.v1.ResignRequest\x1a .leadersidecar.v1.ResignResponseb\x06proto3"
+	"\x06Resign\x12\x1f.leadersidecar.v1.ResignRequest\x1a .leadersidecar.v1.ResignResponse2\xfc\x01\n" +
+	"\x06Shards\x12K\n" +
+	"\tGetShards\x12\".leadersidecar.v1.GetShardsRequest\x1a\x1a.leadersidecar.v1.ShardSet\x12K\n" +
+	"\x05Watch\x12$.leadersidecar.v1.WatchShardsRequest\x1a\x1a.leadersidecar.v1.ShardSet0\x01\x12X\n" +
+	"\aRelease\x12%.leadersidecar.v1.ReleaseShardRequest\x1a&.leadersidecar.v1.ReleaseShardResponseb\x06proto3"
 
 var (
 	file_leadersidecar_v1_leader_proto_rawDescOnce sync.Once
@@ -567,7 +963,7 @@ func file_leadersidecar_v1_leader_proto_rawDescGZIP() []byte {
 }
 
 var file_leadersidecar_v1_leader_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_leadersidecar_v1_leader_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_leadersidecar_v1_leader_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_leadersidecar_v1_leader_proto_goTypes = []any{
 	(Leadership_State)(0),         // 0: leadersidecar.v1.Leadership.State
 	(*GetLeaderRequest)(nil),      // 1: leadersidecar.v1.GetLeaderRequest
@@ -576,26 +972,45 @@ var file_leadersidecar_v1_leader_proto_goTypes = []any{
 	(*ResignResponse)(nil),        // 4: leadersidecar.v1.ResignResponse
 	(*Leadership)(nil),            // 5: leadersidecar.v1.Leadership
 	(*Lease)(nil),                 // 6: leadersidecar.v1.Lease
-	(*timestamppb.Timestamp)(nil), // 7: google.protobuf.Timestamp
+	(*GetShardsRequest)(nil),      // 7: leadersidecar.v1.GetShardsRequest
+	(*WatchShardsRequest)(nil),    // 8: leadersidecar.v1.WatchShardsRequest
+	(*ReleaseShardRequest)(nil),   // 9: leadersidecar.v1.ReleaseShardRequest
+	(*ReleaseShardResponse)(nil),  // 10: leadersidecar.v1.ReleaseShardResponse
+	(*ShardSet)(nil),              // 11: leadersidecar.v1.ShardSet
+	(*OwnedShard)(nil),            // 12: leadersidecar.v1.OwnedShard
+	nil,                           // 13: leadersidecar.v1.ShardSet.AssignmentEntry
+	nil,                           // 14: leadersidecar.v1.ShardSet.DesiredEntry
+	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
 }
 var file_leadersidecar_v1_leader_proto_depIdxs = []int32{
-	0, // 0: leadersidecar.v1.Leadership.state:type_name -> leadersidecar.v1.Leadership.State
-	7, // 1: leadersidecar.v1.Leadership.valid_until:type_name -> google.protobuf.Timestamp
-	7, // 2: leadersidecar.v1.Leadership.observed_at:type_name -> google.protobuf.Timestamp
-	6, // 3: leadersidecar.v1.Leadership.lease:type_name -> leadersidecar.v1.Lease
-	7, // 4: leadersidecar.v1.Lease.acquire_time:type_name -> google.protobuf.Timestamp
-	7, // 5: leadersidecar.v1.Lease.renew_time:type_name -> google.protobuf.Timestamp
-	1, // 6: leadersidecar.v1.LeaderElection.GetLeader:input_type -> leadersidecar.v1.GetLeaderRequest
-	2, // 7: leadersidecar.v1.LeaderElection.Watch:input_type -> leadersidecar.v1.WatchRequest
-	3, // 8: leadersidecar.v1.LeaderElection.Resign:input_type -> leadersidecar.v1.ResignRequest
-	5, // 9: leadersidecar.v1.LeaderElection.GetLeader:output_type -> leadersidecar.v1.Leadership
-	5, // 10: leadersidecar.v1.LeaderElection.Watch:output_type -> leadersidecar.v1.Leadership
-	4, // 11: leadersidecar.v1.LeaderElection.Resign:output_type -> leadersidecar.v1.ResignResponse
-	9, // [9:12] is the sub-list for method output_type
-	6, // [6:9] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	0,  // 0: leadersidecar.v1.Leadership.state:type_name -> leadersidecar.v1.Leadership.State
+	15, // 1: leadersidecar.v1.Leadership.valid_until:type_name -> google.protobuf.Timestamp
+	15, // 2: leadersidecar.v1.Leadership.observed_at:type_name -> google.protobuf.Timestamp
+	6,  // 3: leadersidecar.v1.Leadership.lease:type_name -> leadersidecar.v1.Lease
+	15, // 4: leadersidecar.v1.Lease.acquire_time:type_name -> google.protobuf.Timestamp
+	15, // 5: leadersidecar.v1.Lease.renew_time:type_name -> google.protobuf.Timestamp
+	12, // 6: leadersidecar.v1.ShardSet.owned:type_name -> leadersidecar.v1.OwnedShard
+	13, // 7: leadersidecar.v1.ShardSet.assignment:type_name -> leadersidecar.v1.ShardSet.AssignmentEntry
+	14, // 8: leadersidecar.v1.ShardSet.desired:type_name -> leadersidecar.v1.ShardSet.DesiredEntry
+	15, // 9: leadersidecar.v1.ShardSet.observed_at:type_name -> google.protobuf.Timestamp
+	15, // 10: leadersidecar.v1.OwnedShard.valid_until:type_name -> google.protobuf.Timestamp
+	1,  // 11: leadersidecar.v1.LeaderElection.GetLeader:input_type -> leadersidecar.v1.GetLeaderRequest
+	2,  // 12: leadersidecar.v1.LeaderElection.Watch:input_type -> leadersidecar.v1.WatchRequest
+	3,  // 13: leadersidecar.v1.LeaderElection.Resign:input_type -> leadersidecar.v1.ResignRequest
+	7,  // 14: leadersidecar.v1.Shards.GetShards:input_type -> leadersidecar.v1.GetShardsRequest
+	8,  // 15: leadersidecar.v1.Shards.Watch:input_type -> leadersidecar.v1.WatchShardsRequest
+	9,  // 16: leadersidecar.v1.Shards.Release:input_type -> leadersidecar.v1.ReleaseShardRequest
+	5,  // 17: leadersidecar.v1.LeaderElection.GetLeader:output_type -> leadersidecar.v1.Leadership
+	5,  // 18: leadersidecar.v1.LeaderElection.Watch:output_type -> leadersidecar.v1.Leadership
+	4,  // 19: leadersidecar.v1.LeaderElection.Resign:output_type -> leadersidecar.v1.ResignResponse
+	11, // 20: leadersidecar.v1.Shards.GetShards:output_type -> leadersidecar.v1.ShardSet
+	11, // 21: leadersidecar.v1.Shards.Watch:output_type -> leadersidecar.v1.ShardSet
+	10, // 22: leadersidecar.v1.Shards.Release:output_type -> leadersidecar.v1.ReleaseShardResponse
+	17, // [17:23] is the sub-list for method output_type
+	11, // [11:17] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_leadersidecar_v1_leader_proto_init() }
@@ -611,9 +1026,9 @@ func file_leadersidecar_v1_leader_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_leadersidecar_v1_leader_proto_rawDesc), len(file_leadersidecar_v1_leader_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   6,
+			NumMessages:   14,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_leadersidecar_v1_leader_proto_goTypes,
 		DependencyIndexes: file_leadersidecar_v1_leader_proto_depIdxs,

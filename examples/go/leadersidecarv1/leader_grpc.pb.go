@@ -256,3 +256,213 @@ var LeaderElection_ServiceDesc = grpc.ServiceDesc{
 	},
 	Metadata: "leadersidecar/v1/leader.proto",
 }
+
+const (
+	Shards_GetShards_FullMethodName = "/leadersidecar.v1.Shards/GetShards"
+	Shards_Watch_FullMethodName     = "/leadersidecar.v1.Shards/Watch"
+	Shards_Release_FullMethodName   = "/leadersidecar.v1.Shards/Release"
+)
+
+// ShardsClient is the client API for Shards service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Shard ownership (`leader-sidecar run --shards N`): the shards this replica owns. Without
+// --shards every call fails with FAILED_PRECONDITION. Authorisation and the stream cap are as
+// for LeaderElection.
+type ShardsClient interface {
+	// The current shard set. Cheap: answered from memory.
+	GetShards(ctx context.Context, in *GetShardsRequest, opts ...grpc.CallOption) (*ShardSet, error)
+	// The current shard set at once, then one message for every change of the owned set (a
+	// shard gained or lost, a new fencing token), of the members or of the holders; on an owner
+	// also fresh valid_until values after renewals (at most one message per retry period), and
+	// a message without a shard the moment its valid_until passes without a renewal. Act on a
+	// shard only while the newest message lists it, and never past its valid_until. A slow
+	// reader skips to the newest set: treat every message as the whole truth.
+	Watch(ctx context.Context, in *WatchShardsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ShardSet], error)
+	// Hand one owned shard over now: the app hears first, then its Lease is released, and the
+	// replica the assignment names takes it. FAILED_PRECONDITION when this replica does not own
+	// it, INVALID_ARGUMENT for no such shard, UNAVAILABLE when the release could not be written.
+	Release(ctx context.Context, in *ReleaseShardRequest, opts ...grpc.CallOption) (*ReleaseShardResponse, error)
+}
+
+type shardsClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewShardsClient(cc grpc.ClientConnInterface) ShardsClient {
+	return &shardsClient{cc}
+}
+
+func (c *shardsClient) GetShards(ctx context.Context, in *GetShardsRequest, opts ...grpc.CallOption) (*ShardSet, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShardSet)
+	err := c.cc.Invoke(ctx, Shards_GetShards_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *shardsClient) Watch(ctx context.Context, in *WatchShardsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ShardSet], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Shards_ServiceDesc.Streams[0], Shards_Watch_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchShardsRequest, ShardSet]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Shards_WatchClient = grpc.ServerStreamingClient[ShardSet]
+
+func (c *shardsClient) Release(ctx context.Context, in *ReleaseShardRequest, opts ...grpc.CallOption) (*ReleaseShardResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReleaseShardResponse)
+	err := c.cc.Invoke(ctx, Shards_Release_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// ShardsServer is the server API for Shards service.
+// All implementations must embed UnimplementedShardsServer
+// for forward compatibility.
+//
+// Shard ownership (`leader-sidecar run --shards N`): the shards this replica owns. Without
+// --shards every call fails with FAILED_PRECONDITION. Authorisation and the stream cap are as
+// for LeaderElection.
+type ShardsServer interface {
+	// The current shard set. Cheap: answered from memory.
+	GetShards(context.Context, *GetShardsRequest) (*ShardSet, error)
+	// The current shard set at once, then one message for every change of the owned set (a
+	// shard gained or lost, a new fencing token), of the members or of the holders; on an owner
+	// also fresh valid_until values after renewals (at most one message per retry period), and
+	// a message without a shard the moment its valid_until passes without a renewal. Act on a
+	// shard only while the newest message lists it, and never past its valid_until. A slow
+	// reader skips to the newest set: treat every message as the whole truth.
+	Watch(*WatchShardsRequest, grpc.ServerStreamingServer[ShardSet]) error
+	// Hand one owned shard over now: the app hears first, then its Lease is released, and the
+	// replica the assignment names takes it. FAILED_PRECONDITION when this replica does not own
+	// it, INVALID_ARGUMENT for no such shard, UNAVAILABLE when the release could not be written.
+	Release(context.Context, *ReleaseShardRequest) (*ReleaseShardResponse, error)
+	mustEmbedUnimplementedShardsServer()
+}
+
+// UnimplementedShardsServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedShardsServer struct{}
+
+func (UnimplementedShardsServer) GetShards(context.Context, *GetShardsRequest) (*ShardSet, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetShards not implemented")
+}
+func (UnimplementedShardsServer) Watch(*WatchShardsRequest, grpc.ServerStreamingServer[ShardSet]) error {
+	return status.Error(codes.Unimplemented, "method Watch not implemented")
+}
+func (UnimplementedShardsServer) Release(context.Context, *ReleaseShardRequest) (*ReleaseShardResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Release not implemented")
+}
+func (UnimplementedShardsServer) mustEmbedUnimplementedShardsServer() {}
+func (UnimplementedShardsServer) testEmbeddedByValue()                {}
+
+// UnsafeShardsServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to ShardsServer will
+// result in compilation errors.
+type UnsafeShardsServer interface {
+	mustEmbedUnimplementedShardsServer()
+}
+
+func RegisterShardsServer(s grpc.ServiceRegistrar, srv ShardsServer) {
+	// If the following call panics, it indicates UnimplementedShardsServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Shards_ServiceDesc, srv)
+}
+
+func _Shards_GetShards_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetShardsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShardsServer).GetShards(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Shards_GetShards_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShardsServer).GetShards(ctx, req.(*GetShardsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Shards_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchShardsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ShardsServer).Watch(m, &grpc.GenericServerStream[WatchShardsRequest, ShardSet]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Shards_WatchServer = grpc.ServerStreamingServer[ShardSet]
+
+func _Shards_Release_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReleaseShardRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ShardsServer).Release(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Shards_Release_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ShardsServer).Release(ctx, req.(*ReleaseShardRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+// Shards_ServiceDesc is the grpc.ServiceDesc for Shards service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Shards_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "leadersidecar.v1.Shards",
+	HandlerType: (*ShardsServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "GetShards",
+			Handler:    _Shards_GetShards_Handler,
+		},
+		{
+			MethodName: "Release",
+			Handler:    _Shards_Release_Handler,
+		},
+	},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Watch",
+			Handler:       _Shards_Watch_Handler,
+			ServerStreams: true,
+		},
+	},
+	Metadata: "leadersidecar/v1/leader.proto",
+}

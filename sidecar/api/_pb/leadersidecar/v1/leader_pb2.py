@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dleadersidecar/v1/leader.proto\x12\x10leadersidecar.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetLeaderRequest\"\x0e\n\x0cWatchRequest\"\x0f\n\rResignRequest\"\"\n\x0eResignResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\"\xf3\x03\n\nLeadership\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".leadersidecar.v1.Leadership.State\x12/\n\x0bvalid_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\rfencing_token\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12/\n\x0bobserved_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05lease\x18\x08 \x01(\x0b\x32\x17.leadersidecar.v1.Lease\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12\x10\n\x08revision\x18\x0b \x01(\x04\x12\x12\n\napp_health\x18\x0c \x01(\t\x12\x19\n\x0cvalid_for_ms\x18\r \x01(\x03H\x01\x88\x01\x01\"U\n\x05State\x12\x11\n\rSTATE_UNKNOWN\x10\x00\x12\x12\n\x0eSTATE_FOLLOWER\x10\x01\x12\x10\n\x0cSTATE_LEADER\x10\x02\x12\x13\n\x0fSTATE_NO_LEADER\x10\x03\x42\x10\n\x0e_fencing_tokenB\x0f\n\r_valid_for_ms\"\xe8\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x18\n\x0btransitions\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\x0c\x61\x63quire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrenew_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x10\x64uration_seconds\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_transitionsB\x13\n\x11_duration_seconds2\xf5\x01\n\x0eLeaderElection\x12M\n\tGetLeader\x12\".leadersidecar.v1.GetLeaderRequest\x1a\x1c.leadersidecar.v1.Leadership\x12G\n\x05Watch\x12\x1e.leadersidecar.v1.WatchRequest\x1a\x1c.leadersidecar.v1.Leadership0\x01\x12K\n\x06Resign\x12\x1f.leadersidecar.v1.ResignRequest\x1a .leadersidecar.v1.ResignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dleadersidecar/v1/leader.proto\x12\x10leadersidecar.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetLeaderRequest\"\x0e\n\x0cWatchRequest\"\x0f\n\rResignRequest\"\"\n\x0eResignResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\"\xf3\x03\n\nLeadership\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x31\n\x05state\x18\x04 \x01(\x0e\x32\".leadersidecar.v1.Leadership.State\x12/\n\x0bvalid_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\rfencing_token\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12/\n\x0bobserved_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05lease\x18\x08 \x01(\x0b\x32\x17.leadersidecar.v1.Lease\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12\x10\n\x08revision\x18\x0b \x01(\x04\x12\x12\n\napp_health\x18\x0c \x01(\t\x12\x19\n\x0cvalid_for_ms\x18\r \x01(\x03H\x01\x88\x01\x01\"U\n\x05State\x12\x11\n\rSTATE_UNKNOWN\x10\x00\x12\x12\n\x0eSTATE_FOLLOWER\x10\x01\x12\x10\n\x0cSTATE_LEADER\x10\x02\x12\x13\n\x0fSTATE_NO_LEADER\x10\x03\x42\x10\n\x0e_fencing_tokenB\x0f\n\r_valid_for_ms\"\xe8\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x18\n\x0btransitions\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x30\n\x0c\x61\x63quire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrenew_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x10\x64uration_seconds\x18\x06 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_transitionsB\x13\n\x11_duration_seconds\"\x12\n\x10GetShardsRequest\"\x14\n\x12WatchShardsRequest\"$\n\x13ReleaseShardRequest\x12\r\n\x05shard\x18\x01 \x01(\r\"%\n\x14ReleaseShardResponse\x12\r\n\x05shard\x18\x01 \x01(\r\"\xa8\x03\n\x08ShardSet\x12\x0e\n\x06shards\x18\x01 \x01(\r\x12\x10\n\x08identity\x18\x02 \x01(\t\x12+\n\x05owned\x18\x03 \x03(\x0b\x32\x1c.leadersidecar.v1.OwnedShard\x12\x0f\n\x07members\x18\x04 \x03(\t\x12>\n\nassignment\x18\x05 \x03(\x0b\x32*.leadersidecar.v1.ShardSet.AssignmentEntry\x12\x38\n\x07\x64\x65sired\x18\x06 \x03(\x0b\x32\'.leadersidecar.v1.ShardSet.DesiredEntry\x12/\n\x0bobserved_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\r\n\x05ready\x18\t \x01(\x08\x12\x10\n\x08revision\x18\n \x01(\x04\x1a\x31\n\x0f\x41ssignmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0c\x44\x65siredEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"y\n\nOwnedShard\x12\r\n\x05shard\x18\x01 \x01(\r\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12/\n\x0bvalid_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cvalid_for_ms\x18\x04 \x01(\x03\x32\xf5\x01\n\x0eLeaderElection\x12M\n\tGetLeader\x12\".leadersidecar.v1.GetLeaderRequest\x1a\x1c.leadersidecar.v1.Leadership\x12G\n\x05Watch\x12\x1e.leadersidecar.v1.WatchRequest\x1a\x1c.leadersidecar.v1.Leadership0\x01\x12K\n\x06Resign\x12\x1f.leadersidecar.v1.ResignRequest\x1a .leadersidecar.v1.ResignResponse2\xfc\x01\n\x06Shards\x12K\n\tGetShards\x12\".leadersidecar.v1.GetShardsRequest\x1a\x1a.leadersidecar.v1.ShardSet\x12K\n\x05Watch\x12$.leadersidecar.v1.WatchShardsRequest\x1a\x1a.leadersidecar.v1.ShardSet0\x01\x12X\n\x07Release\x12%.leadersidecar.v1.ReleaseShardRequest\x1a&.leadersidecar.v1.ReleaseShardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leadersidecar.v1.leader_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SHARDSET_ASSIGNMENTENTRY']._loaded_options = None
+  _globals['_SHARDSET_ASSIGNMENTENTRY']._serialized_options = b'8\001'
+  _globals['_SHARDSET_DESIREDENTRY']._loaded_options = None
+  _globals['_SHARDSET_DESIREDENTRY']._serialized_options = b'8\001'
   _globals['_GETLEADERREQUEST']._serialized_start=84
   _globals['_GETLEADERREQUEST']._serialized_end=102
   _globals['_WATCHREQUEST']._serialized_start=104
@@ -46,6 +50,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEADERSHIP_STATE']._serialized_end=638
   _globals['_LEASE']._serialized_start=676
   _globals['_LEASE']._serialized_end=908
-  _globals['_LEADERELECTION']._serialized_start=911
-  _globals['_LEADERELECTION']._serialized_end=1156
+  _globals['_GETSHARDSREQUEST']._serialized_start=910
+  _globals['_GETSHARDSREQUEST']._serialized_end=928
+  _globals['_WATCHSHARDSREQUEST']._serialized_start=930
+  _globals['_WATCHSHARDSREQUEST']._serialized_end=950
+  _globals['_RELEASESHARDREQUEST']._serialized_start=952
+  _globals['_RELEASESHARDREQUEST']._serialized_end=988
+  _globals['_RELEASESHARDRESPONSE']._serialized_start=990
+  _globals['_RELEASESHARDRESPONSE']._serialized_end=1027
+  _globals['_SHARDSET']._serialized_start=1030
+  _globals['_SHARDSET']._serialized_end=1454
+  _globals['_SHARDSET_ASSIGNMENTENTRY']._serialized_start=1357
+  _globals['_SHARDSET_ASSIGNMENTENTRY']._serialized_end=1406
+  _globals['_SHARDSET_DESIREDENTRY']._serialized_start=1408
+  _globals['_SHARDSET_DESIREDENTRY']._serialized_end=1454
+  _globals['_OWNEDSHARD']._serialized_start=1456
+  _globals['_OWNEDSHARD']._serialized_end=1577
+  _globals['_LEADERELECTION']._serialized_start=1580
+  _globals['_LEADERELECTION']._serialized_end=1825
+  _globals['_SHARDS']._serialized_start=1828
+  _globals['_SHARDS']._serialized_end=2080
 # @@protoc_insertion_point(module_scope)

@@ -206,3 +206,180 @@ class LeaderElection:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ShardsStub:
+    """Shard ownership (`leader-sidecar run --shards N`): the shards this replica owns. Without
+    --shards every call fails with FAILED_PRECONDITION. Authorisation and the stream cap are as
+    for LeaderElection.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetShards = channel.unary_unary(
+                '/leadersidecar.v1.Shards/GetShards',
+                request_serializer=leadersidecar_dot_v1_dot_leader__pb2.GetShardsRequest.SerializeToString,
+                response_deserializer=leadersidecar_dot_v1_dot_leader__pb2.ShardSet.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/leadersidecar.v1.Shards/Watch',
+                request_serializer=leadersidecar_dot_v1_dot_leader__pb2.WatchShardsRequest.SerializeToString,
+                response_deserializer=leadersidecar_dot_v1_dot_leader__pb2.ShardSet.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/leadersidecar.v1.Shards/Release',
+                request_serializer=leadersidecar_dot_v1_dot_leader__pb2.ReleaseShardRequest.SerializeToString,
+                response_deserializer=leadersidecar_dot_v1_dot_leader__pb2.ReleaseShardResponse.FromString,
+                _registered_method=True)
+
+
+class ShardsServicer:
+    """Shard ownership (`leader-sidecar run --shards N`): the shards this replica owns. Without
+    --shards every call fails with FAILED_PRECONDITION. Authorisation and the stream cap are as
+    for LeaderElection.
+    """
+
+    def GetShards(self, request, context):
+        """The current shard set. Cheap: answered from memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """The current shard set at once, then one message for every change of the owned set (a
+        shard gained or lost, a new fencing token), of the members or of the holders; on an owner
+        also fresh valid_until values after renewals (at most one message per retry period), and
+        a message without a shard the moment its valid_until passes without a renewal. Act on a
+        shard only while the newest message lists it, and never past its valid_until. A slow
+        reader skips to the newest set: treat every message as the whole truth.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Hand one owned shard over now: the app hears first, then its Lease is released, and the
+        replica the assignment names takes it. FAILED_PRECONDITION when this replica does not own
+        it, INVALID_ARGUMENT for no such shard, UNAVAILABLE when the release could not be written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ShardsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetShards': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShards,
+                    request_deserializer=leadersidecar_dot_v1_dot_leader__pb2.GetShardsRequest.FromString,
+                    response_serializer=leadersidecar_dot_v1_dot_leader__pb2.ShardSet.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=leadersidecar_dot_v1_dot_leader__pb2.WatchShardsRequest.FromString,
+                    response_serializer=leadersidecar_dot_v1_dot_leader__pb2.ShardSet.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=leadersidecar_dot_v1_dot_leader__pb2.ReleaseShardRequest.FromString,
+                    response_serializer=leadersidecar_dot_v1_dot_leader__pb2.ReleaseShardResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'leadersidecar.v1.Shards', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('leadersidecar.v1.Shards', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Shards:
+    """Shard ownership (`leader-sidecar run --shards N`): the shards this replica owns. Without
+    --shards every call fails with FAILED_PRECONDITION. Authorisation and the stream cap are as
+    for LeaderElection.
+    """
+
+    @staticmethod
+    def GetShards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/leadersidecar.v1.Shards/GetShards',
+            leadersidecar_dot_v1_dot_leader__pb2.GetShardsRequest.SerializeToString,
+            leadersidecar_dot_v1_dot_leader__pb2.ShardSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/leadersidecar.v1.Shards/Watch',
+            leadersidecar_dot_v1_dot_leader__pb2.WatchShardsRequest.SerializeToString,
+            leadersidecar_dot_v1_dot_leader__pb2.ShardSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/leadersidecar.v1.Shards/Release',
+            leadersidecar_dot_v1_dot_leader__pb2.ReleaseShardRequest.SerializeToString,
+            leadersidecar_dot_v1_dot_leader__pb2.ReleaseShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
