@@ -13,6 +13,7 @@ are handed to containerd as docker archives (``ctr -n k8s.io images import``).
 CLI::
 
     python tests/kube/images.py build     # build every image (cached), print their references
+    python tests/kube/images.py base      # just the Debian base (CI builds it during the Go builds)
 """
 
 from __future__ import annotations
@@ -339,7 +340,11 @@ def build_all() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["build"]:
+    if sys.argv[1:] == ["base"]:
+        with _locked():
+            print(build_base())
+    elif sys.argv[1:] == ["build"]:
+        for name, ref in build_all().items():
+            print(f"{name}\t{ref}")
+    else:
         sys.exit(__doc__)
-    for name, ref in build_all().items():
-        print(f"{name}\t{ref}")
