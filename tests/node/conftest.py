@@ -1,6 +1,6 @@
 """Fixtures for the pod-level tests on a one-node cluster (tests/kube/node.py).
 
-The node is built and started once per session (cold: binaries and images take a while, cached
+The node is built once per session and started once per test module (cold: binaries and images take a while, cached
 afterwards). A machine that cannot run it fails these tests with the reason in one line: they are
 never skipped silently. `-m "not node"` leaves them out on purpose.
 """
@@ -37,7 +37,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             _build_error.append(f"{type(e).__name__}: {e}".splitlines()[0])
 
 
-@pytest.fixture(scope="session")
+# Per module: the node's processes and pods stop as soon as its tests are done, so they do not
+# load the machine under the timing-sensitive tests that run after them.
+@pytest.fixture(scope="module")
 def kube_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     if _build_error:
         pytest.fail(f"the one-node cluster cannot start here: {_build_error[0]}", pytrace=False)
