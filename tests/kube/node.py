@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -118,10 +119,60 @@ def preflight() -> None:
         )
     if not (CGROUP_FS / "memory").is_dir() and not (CGROUP_FS / "cgroup.controllers").exists():
         raise NodeError(f"no cgroup filesystem at {CGROUP_FS}")
+
+
+# --------------------------------------------------------------------------- one at a time
+
+
+def _lock_path() -> Path:
+    return cluster.cache_root() / "node.lock"
+
+
+def _active_path() -> Path:
+    """Which state dir the machine's node lives in, and who started it (JSON)."""
+    return cluster.cache_root() / "node.active"
+
+
+def _acquire(timeout: float) -> int:
+    """One node per machine (its bridge, subnet and kube-proxy table are fixed): wait for the
+    node of another run to go, then take over the leftovers of one whose owner died."""
+    _lock_path().parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout
+    said = 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise NodeError(
+                    f"another run's node is still up after {timeout:.0f}s (lock {_lock_path()})"
+                ) from None
+            if time.monotonic() - said > 30:
+                log("waiting for another run's node to stop")
+                said = time.monotonic()
+            time.sleep(1)
+    try:
+        active = json.loads(_active_path().read_text())
+    except (OSError, ValueError):
+        active = {}
     if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-        raise NodeError(
-            f"bridge {BRIDGE} exists: another node is up (or crashed); run `node.py down --dir DIR`"
-        )
+        owner = int(active.get("pid", 0))
+        if active.get("cli") and owner and _alive(owner):
+            os.close(fd)
+            raise NodeError(
+                f"a node started by `node.py up --dir {active.get('dir')}` is running:"
+                " `down` it first"
+            )
+        if active.get("dir"):
+            log(f"removing the leftovers of a node whose owner died ({active['dir']})")
+            down(Path(active["dir"]), remove_dir=False)
+        if _run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+            os.close(fd)
+            raise NodeError(f"bridge {BRIDGE} exists and no node owns it: remove it or `down` it")
+    return fd
 
 
 # --------------------------------------------------------------------------- API server
@@ -192,18 +243,22 @@ class Node:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.image = self.app_image = self.clientgo_image = ""
         self.start_seconds = 0.0
+        self._lock_fd: int | None = None
 
     # -- lifecycle
 
-    def start(self) -> Node:
+    def start(self, wait_for_other: float = 1200.0) -> Node:
         preflight()
         refs = build()
+        self._lock_fd = _acquire(wait_for_other)
         started = time.monotonic()
         self.image, self.app_image = refs["sidecar"], refs["app"]
         self.clientgo_image = refs["clientgo"]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._save_state()  # first, so that `down` finds what to undo even after a crash
+        # For the CLI (`detached`) the owner is the kubelet, which outlives this process.
+        _active_path().write_text(json.dumps({"dir": str(self.state_dir), "pid": os.getpid()}))
         try:
             self._record_host()
             self._network()
@@ -242,6 +297,9 @@ class Node:
         self.api.close()  # etcd and kube-apiserver, when this process started them
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     # -- steps
 
@@ -731,6 +789,9 @@ def down(state_dir: Path, remove_dir: bool = True) -> None:
     for pki_file in ("kubelet-client.crt", "kubelet-client.key", "kubelet-client.csr",
                      "kubelet-client.ext"):  # fmt: skip
         (state_dir / "pki" / pki_file).unlink(missing_ok=True)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(_active_path().read_text()).get("dir") == str(state_dir):
+            _active_path().unlink()
     # 10. etcd and kube-apiserver, and their files.
     cluster.down(state_dir)
     if remove_dir:
@@ -789,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"node: {exc}", file=sys.stderr)
             return 1
         node.api.save()
+        _active_path().write_text(
+            json.dumps({"dir": str(node.state_dir), "pid": node.procs["kubelet"].pid, "cli": True})
+        )
         print(
             f"node {NODE_NAME} Ready in {node.start_seconds:.1f}s\n"
             f"  export KUBECONFIG={node.kubeconfig}\n"

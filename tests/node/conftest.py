@@ -1,8 +1,10 @@
 """Fixtures for the pod-level tests on a one-node cluster (tests/kube/node.py).
 
-The node is built once per session and started once per test module (cold: binaries and images take a while, cached
-afterwards). A machine that cannot run it fails these tests with the reason in one line: they are
-never skipped silently. `-m "not node"` leaves them out on purpose.
+The node is built once per session (cold: binaries and images take a while, cached afterwards)
+and started per test module; one node runs on a machine at a time, so a run waits for another
+run's node to stop (up to 20 minutes, which the node tests' timeout allows for). A machine that
+cannot run it fails these tests with the reason in one line: they are never skipped silently.
+`-m "not node"` leaves them out on purpose.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "kube_node" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.node)
+            # Setup may wait for another run's node (Node.start); first, so that it wins.
+            item.add_marker(pytest.mark.timeout(1500), append=False)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
