@@ -83,7 +83,7 @@ async def _serve(kind: str, freeze: bool) -> None:
             async def resign(self) -> Any:
                 return None
 
-        app = HttpApi(Broadcaster(leader), Control()).app()
+        runner: web.BaseRunner = web.ServerRunner(HttpApi(Broadcaster(leader), Control()).server())
     else:
         body = leader.to_json()
 
@@ -94,7 +94,7 @@ async def _serve(kind: str, freeze: bool) -> None:
 
         app = web.Application()
         app.router.add_get("/leader", handler)
-    runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

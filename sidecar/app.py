@@ -281,10 +281,18 @@ def _guard(settings: Settings) -> Guard:
 
 
 async def _listen(
-    stack: contextlib.AsyncExitStack, app: web.Application, host: str, port: int, flag: str
-) -> web.AppRunner:
+    stack: contextlib.AsyncExitStack,
+    app: web.Application | web.Server,
+    host: str,
+    port: int,
+    flag: str,
+) -> web.BaseRunner:
     # Open event streams are ended by HttpApi.close(); nothing else should hold shutdown up.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SERVERS_GRACE)
+    runner: web.BaseRunner
+    if isinstance(app, web.Server):
+        runner = web.ServerRunner(app, shutdown_timeout=SERVERS_GRACE)
+    else:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SERVERS_GRACE)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     try:
@@ -415,7 +423,7 @@ async def _start(
     http_api = HttpApi(broadcaster, control, metrics, guard, slots, shards=shards)
     metrics.count_subscribers("sse", lambda: http_api.streams)
     runner = await _listen(
-        stack, http_api.app(), settings.http_host, settings.http_port, "--http-address"
+        stack, http_api.server(), settings.http_host, settings.http_port, "--http-address"
     )
     stack.callback(http_api.close)  # before the runner's cleanup: end the event streams
 
@@ -441,7 +449,7 @@ async def _start(
         stop.watch(grpc_api.forwarder, "grpc-forward")
         metrics.count_subscribers("grpc", lambda: grpc_api.streams)
 
-    metrics_runner: web.AppRunner | None = None
+    metrics_runner: web.BaseRunner | None = None
     if settings.metrics_host is not None:
         metrics_runner = await _listen(
             stack,
@@ -513,7 +521,7 @@ async def _stop_election(
         log.warning("shutdown timed out before the release was confirmed", seconds=share)
 
 
-def _listening(runner: web.AppRunner) -> list[str]:
+def _listening(runner: web.BaseRunner) -> list[str]:
     addresses = []
     for address in runner.addresses:
         host, port = address[0], address[1]

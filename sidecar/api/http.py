@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sidecar.shards.snapshot import ShardsBroadcaster
 
 NO_CACHE = {"Cache-Control": "no-cache"}
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 SSE_KEEPALIVE_SECONDS = 15.0
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -69,6 +70,7 @@ class HttpApi:
         self._slots = slots or StreamSlots(None)
         self._closing = asyncio.Event()
         self._streams = 0
+        self._table: dict[str, dict[str, Handler]] | None = None
         self._shards = ShardsHttp(
             shards[0] if shards else None,
             shards[1] if shards else None,
@@ -93,44 +95,62 @@ class HttpApi:
     def snapshot(self) -> Leadership:
         return self._broadcaster.current.as_of(time.monotonic())
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._check])
-        app.router.add_get("/", self.root)
-        app.router.add_get("/leader", self.leader)
-        app.router.add_get("/leader/self", self.leader_self)
-        app.router.add_post("/leader/resign", self.resign)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        self._shards.add_routes(app)
+    def _routes(self) -> dict[str, dict[str, Handler]]:
+        gets: dict[str, Handler] = {
+            "/": self.root,
+            "/leader": self.leader,
+            "/leader/self": self.leader_self,
+            "/healthz": self.healthz,
+            "/readyz": self.readyz,
+        }
         if self._metrics is not None:
-            app.router.add_get("/metrics", metrics_handler(self._metrics))
+            gets["/metrics"] = metrics_handler(self._metrics)
+        gets["/shards"] = self._shards.shards
+        routes = {path: {"GET": h, "HEAD": h} for path, h in gets.items()}
+        routes["/leader/resign"] = {"POST": self.resign}
+        return routes
+
+    def server(self) -> web.Server:
+        """The low-level aiohttp server: `handle` is the whole application (no router, no
+        middleware chain), which is what lets `GET /leader` keep up with a bare aiohttp
+        handler while doing more (see bench/api_speed.py)."""
+        return web.Server(self.handle, access_log=None)
+
+    def app(self) -> web.Application:
+        """The same as an aiohttp Application (for aiohttp's test client)."""
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self.handle)
         return app
 
-    @web.middleware
-    async def _check(
-        self,
-        request: web.Request,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
-        """The guard, then the handler; errors as JSON."""
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The guard, then the route; errors as JSON."""
+        if self._table is None:
+            self._table = self._routes()
         try:
             self._guard.check(request.headers, request.method, request.path)
+            path = request.path
+            methods = self._table.get(path)
+            if methods is None:
+                shard = _shard_release(path)
+                if shard is None:
+                    return _json({"error": f"no such path: {path}"}, status=404)
+                methods = {"POST": lambda _: self._shards.release_shard(shard)}
+            handler = methods.get(request.method)
+            if handler is None:
+                return _json(
+                    {
+                        "error": f"method {request.method} not allowed on {request.path}",
+                        "allowed": sorted(methods),
+                    },
+                    status=405,
+                    Allow=", ".join(sorted(methods)),
+                )
             return await handler(request)
         except Denied as exc:
             extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
             return _json({"error": exc.reason}, status=exc.status, **extra)
-        except web.HTTPMethodNotAllowed as exc:
-            return _json(
-                {
-                    "error": f"method {request.method} not allowed on {request.path}",
-                    "allowed": sorted(exc.allowed_methods),
-                },
-                status=405,
-            )
-        except web.HTTPNotFound:
-            return _json({"error": f"no such path: {request.path}"}, status=404)
 
-    async def root(self, request: web.Request) -> web.StreamResponse:
+    async def root(self, request: web.BaseRequest) -> web.StreamResponse:
         # Browsers get the status page. The old contrib leader-elector answered {"name": ...}
         # on every path; scripts that curl the root (Accept: */*) keep getting the JSON.
         if _wants_stream(request):
@@ -146,7 +166,7 @@ class HttpApi:
             headers={**NO_CACHE, "Vary": "Accept"},
         )
 
-    async def leader(self, request: web.Request) -> web.StreamResponse:
+    async def leader(self, request: web.BaseRequest) -> web.StreamResponse:
         if _wants_stream(request):
             return await self._stream(request)
         now = time.monotonic()
@@ -156,7 +176,7 @@ class HttpApi:
             headers=NO_CACHE,
         )
 
-    async def leader_self(self, request: web.Request) -> web.Response:
+    async def leader_self(self, request: web.BaseRequest) -> web.Response:
         snapshot = self.snapshot()
         status = 200 if snapshot.is_leader else 503
         return web.Response(
@@ -166,7 +186,7 @@ class HttpApi:
             headers=NO_CACHE,
         )
 
-    async def resign(self, request: web.Request) -> web.Response:
+    async def resign(self, request: web.BaseRequest) -> web.Response:
         outcome = await self._control.resign()
         identity = self.snapshot().identity
         if not outcome.led:
@@ -186,7 +206,7 @@ class HttpApi:
             status=503,
         )
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: web.BaseRequest) -> web.Response:
         snapshot = self.snapshot()
         alive = self._control.alive()
         body = {
@@ -201,7 +221,7 @@ class HttpApi:
         # Liveness means the loop runs: a lost API server is reported, not "fixed" by a restart.
         return _json(body, status=200 if alive else 503)
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: web.BaseRequest) -> web.Response:
         snapshot = self.snapshot()
         if snapshot.ready:
             return _json({"status": "ready", "state": snapshot.role.value})
@@ -210,7 +230,7 @@ class HttpApi:
             status=503,
         )
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
+    async def _stream(self, request: web.BaseRequest) -> web.StreamResponse:
         if not self._slots.acquire():
             return _json(
                 {"error": self._slots.refusal()},
@@ -222,7 +242,7 @@ class HttpApi:
         finally:
             self._slots.release()
 
-    async def _serve_stream(self, request: web.Request) -> web.StreamResponse:
+    async def _serve_stream(self, request: web.BaseRequest) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -268,8 +288,8 @@ class HttpApi:
 
 def metrics_handler(
     metrics: MetricsSource,
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handler(request: web.Request) -> web.Response:
+) -> Handler:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         body, content_type = metrics.render(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type, **NO_CACHE})
 
@@ -295,7 +315,16 @@ def metrics_app(metrics: MetricsSource) -> web.Application:
     return app
 
 
-def _wants_html(request: web.Request) -> bool:
+def _shard_release(path: str) -> str | None:
+    """The `{shard}` of `/shards/{shard}/release`, else None."""
+    if path.startswith("/shards/") and path.endswith("/release"):
+        shard = path[len("/shards/") : -len("/release")]
+        if shard and "/" not in shard:
+            return shard
+    return None
+
+
+def _wants_html(request: web.BaseRequest) -> bool:
     """A browser's navigation asks for text/html; curl and HTTP libraries send */* or JSON."""
     for part in request.headers.get("Accept", "").split(","):
         media, *params = (item.strip() for item in part.split(";"))
@@ -304,7 +333,7 @@ def _wants_html(request: web.Request) -> bool:
     return False
 
 
-def _wants_stream(request: web.Request) -> bool:
+def _wants_stream(request: web.BaseRequest) -> bool:
     """`?watch=true` (1/yes/on) or `Accept: text/event-stream`; a bad `watch` value is a 400."""
     values = request.query.getall("watch", []) if request.query_string else []
     for value in values:

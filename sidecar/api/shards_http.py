@@ -57,11 +57,7 @@ class ShardsHttp:
         self._wants_stream = wants_stream
         self.streams = 0
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/shards", self.shards)
-        app.router.add_post("/shards/{shard}/release", self.release)
-
-    async def shards(self, request: web.Request) -> web.StreamResponse:
+    async def shards(self, request: web.BaseRequest) -> web.StreamResponse:
         if self._broadcaster is None:
             return _json({"error": NOT_SHARDED}, status=404)
         if self._wants_stream(request):
@@ -72,10 +68,10 @@ class ShardsHttp:
             headers=NO_CACHE,
         )
 
-    async def release(self, request: web.Request) -> web.Response:
+    async def release_shard(self, text: str) -> web.Response:
+        """POST /shards/{text}/release (routed by sidecar.api.http.HttpApi.handle)."""
         if self._control is None:
             return _json({"error": NOT_SHARDED}, status=404)
-        text = request.match_info["shard"]
         count = self._control.shard_count
         if not text.isdigit() or int(text) >= count:
             return _json({"error": f"no shard {text!r}: shards are 0 to {count - 1}"}, status=404)
@@ -90,7 +86,7 @@ class ShardsHttp:
             return _json({"shard": shard, "released": True})
         return _json({"shard": shard, "released": False, "error": outcome.error}, status=503)
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
+    async def _stream(self, request: web.BaseRequest) -> web.StreamResponse:
         assert self._broadcaster is not None
         if not self._slots.acquire():
             return _json({"error": self._slots.refusal()}, status=503, **{"Retry-After": "5"})
