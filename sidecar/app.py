@@ -13,7 +13,8 @@ stops through the normal shutdown path (tell the app, release the Lease) and exi
 
 `--shutdown-timeout` (T) bounds the whole shutdown: telling the app, the step-down hooks (Pod
 label, the final notify POST, at most `FINAL_POST_SECONDS`) and the release write get
-`ELECTION_SHARE` of T; Events, closing the gRPC and HTTP servers share the rest.
+`ELECTION_SHARE` of T; Events, closing the gRPC and HTTP servers share the rest, less
+`EXIT_RESERVE` of T kept for the interpreter and gRPC's core to exit.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -50,14 +52,15 @@ if TYPE_CHECKING:
     from sidecar.shards.runner import ShardRunner
     from sidecar.shards.snapshot import ShardsBroadcaster
 
-ELECTION_SHARE = 0.8  # of --shutdown-timeout: tell the app, hooks, release
+ELECTION_SHARE = 0.7  # of --shutdown-timeout: tell the app, hooks, release
+EXIT_RESERVE = 0.15  # of --shutdown-timeout: left for the process itself to exit
 SERVERS_GRACE = 1.0  # at most, for calls in flight when the servers close
 
 
 def run(settings: Settings) -> int:
     configure(settings.log_format, settings.log_level)
     try:
-        return asyncio.run(_main(settings))
+        return asyncio.run(_main(settings, own_process=True))
     except ConfigError as exc:
         print(f"leader-sidecar: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -109,13 +112,32 @@ class _Budget:
     def __init__(self, total: float) -> None:
         self.total = total
         self._deadline = time.monotonic() + total
+        self._watchdog: threading.Timer | None = None
 
-    def start(self) -> None:
+    def start(self, code: Callable[[], int] | None = None) -> None:
+        """The shutdown begins. With `code`, a watchdog thread ends the process at the
+        deadline with that exit code whatever still runs (the total is a promise)."""
         self._deadline = time.monotonic() + self.total
+        if code is not None:
+            self._watchdog = threading.Timer(self.total, _overdue, args=(code,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def done(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
     def left(self, at_most: float | None = None) -> float:
-        left = max(0.0, self._deadline - time.monotonic())
+        reserve = self.total * EXIT_RESERVE
+        left = max(0.0, self._deadline - reserve - time.monotonic())
         return left if at_most is None else min(left, at_most)
+
+
+def _overdue(code: Callable[[], int]) -> None:
+    structlog.get_logger("app").error(
+        "--shutdown-timeout passed before the shutdown finished: exiting now"
+    )
+    os._exit(code())
 
 
 class _Control:
@@ -308,8 +330,9 @@ async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _main(settings: Settings) -> int:
-    log: Any = structlog.get_logger("app")
+async def _main(settings: Settings, own_process: bool = False) -> int:
+    """Run until stopped; the exit code. `own_process`: the watchdog may end the process if
+    the shutdown overruns --shutdown-timeout, even after this returns (interpreter exit)."""
     stop = _Stop()
     loop = asyncio.get_running_loop()
     # First of all: SIGTERM must work at any moment of the start-up too.
@@ -318,13 +341,22 @@ async def _main(settings: Settings) -> int:
     if settings.election:
         structlog.contextvars.bind_contextvars(election=settings.election)
     budget = _Budget(settings.shutdown_timeout)
+    try:
+        return await _run(settings, stop, budget)
+    finally:
+        if not own_process:
+            budget.done()
+
+
+async def _run(settings: Settings, stop: _Stop, budget: _Budget) -> int:
+    log: Any = structlog.get_logger("app")
     async with contextlib.AsyncExitStack() as stack:
         starting = asyncio.create_task(_start(settings, stack, stop, budget), name="start")
         waiting = asyncio.create_task(stop.requested.wait())
         await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
         if not starting.done():
-            budget.start()
+            budget.start(lambda: stop.code)
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
@@ -334,7 +366,7 @@ async def _main(settings: Settings) -> int:
         # the election and Lease to its log context; shutdown logs here name them too.
         structlog.contextvars.bind_contextvars(**starting.result())
         await stop.requested.wait()
-        budget.start()
+        budget.start(lambda: stop.code)
         log.info("stopping", reason=stop.reason)
     log.info("stopped", code=stop.code)
     return stop.code

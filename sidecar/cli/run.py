@@ -139,8 +139,8 @@ OPTIONS = (
     ),
     Option(
         "--shutdown-timeout",
-        "on SIGTERM, the whole shutdown at most: 80%% for telling the app and releasing "
-        "the Lease, the rest for closing the servers",
+        "on SIGTERM, the whole shutdown at most: 70%% for telling the app and releasing "
+        "the Lease, then closing the servers; 15%% is left for the exit itself",
         "DURATION",
         "5s",
         group="serving",
