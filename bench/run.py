@@ -636,7 +636,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results.json")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--table", type=Path, metavar="JSON", help="only print the table of a run")
+    parser.add_argument(
+        "--shards-only", action="store_true", help="only the shard bench (bench/shards.py)"
+    )
     args = parser.parse_args()
+    if args.shards_only:
+        return shards_only(args)
     if args.table:
         print(table(json.loads(args.table.read_text())))
         return 0
@@ -721,6 +726,43 @@ def main() -> int:
         args.markdown.write_text(header + "\n" + markdown + "\n")
     log(f"done in {result['seconds']} s; JSON in {args.json}")
     return 1 if result["violations"] else 0
+
+
+def shards_only(args: argparse.Namespace) -> int:
+    """32 shards over 5 replicas: rebalance figures, writes, RSS (see bench/shards.py)."""
+    from bench.shards import shard_bench, shard_table
+
+    timings = (
+        args.lease_duration or (3.0 if args.quick else 15.0),
+        args.renew_deadline or (2.0 if args.quick else 10.0),
+        args.retry_period or (0.4 if args.quick else 2.0),
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="leader-sidecar-bench.") as tmp,
+        Cluster(Path(tmp) / "kube") as cluster,
+    ):
+        status, body = cluster.api(
+            "POST", "/api/v1/namespaces", {"metadata": {"name": "bench-shards"}}
+        )
+        assert status == 201, body
+        log(f"shards: timings {timings}")
+        figures = shard_bench(
+            cluster,
+            "bench-shards",
+            timings,
+            rounds=1 if args.quick else 2,
+            idle_seconds=args.idle_seconds or (5.0 if args.quick else 30.0),
+        )
+    figures["machine"] = machine()
+    figures["load_average"] = os.getloadavg()
+    out = (
+        args.json
+        if args.json != REPO / "bench" / "results.json"
+        else REPO / "bench" / "shards.json"
+    )
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(shard_table(figures))
+    return 1 if figures["double_ownerships"] else 0
 
 
 if __name__ == "__main__":
