@@ -10,6 +10,8 @@ import socket
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_SELECTOR = f"{MANAGED_BY}=leader-sidecar"  # finds every Lease the sidecar made
 ELECTION_LABEL = "leader-sidecar.io/election"
+SHARD_LABEL = "leader-sidecar.io/shard"  # --shards N: a shard Lease's index
+MEMBER_LABEL = "leader-sidecar.io/member-of"  # --shards N: a replica's member Lease
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_LABEL_MAX = 63
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")

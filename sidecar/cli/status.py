@@ -2,7 +2,9 @@
 
 Lists the Leases labelled `app.kubernetes.io/managed-by=leader-sidecar` (their
 `leader-sidecar.io/election` label names the election) with holder, age of the last renewal,
-transitions, and whether the Lease looks expired. `--watch` then prints a row whenever a holder,
+transitions, and whether the Lease looks expired; with `--shards N` each shard Lease is a row
+(`shop[3]`: shard 3's owner is its holder), and each replica's member Lease (`shop[member]`).
+`--watch` then prints a row whenever a holder,
 the transition count or the expired look changes (not for every renewal).
 
 "Looks expired" compares the holder's `renewTime + leaseDurationSeconds` with this machine's
@@ -30,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 from sidecar.config import EXIT_CONFIG, EXIT_OK
 from sidecar.config import EXIT_FATAL as EXIT_ERROR
 from sidecar.election.record import format_microtime, parse_microtime
-from sidecar.naming import ELECTION_LABEL, MANAGED_SELECTOR, explain_api_error, is_dns_label
+from sidecar.naming import (
+    ELECTION_LABEL,
+    MANAGED_SELECTOR,
+    MEMBER_LABEL,
+    SHARD_LABEL,
+    explain_api_error,
+    is_dns_label,
+)
 
 if TYPE_CHECKING:
     from sidecar.backends.kubeclient import KubeApi
@@ -139,6 +148,8 @@ class Election:
     duration_seconds: int | None
     transitions: int | None
     deleted: bool = False
+    shard: int | None = None  # a shard Lease of `--shards N` (label leader-sidecar.io/shard)
+    member: bool = False  # a member Lease of `--shards N` (label leader-sidecar.io/member-of)
 
     @classmethod
     def from_lease(cls, lease: dict[str, Any], deleted: bool = False) -> Election:
@@ -147,6 +158,7 @@ class Election:
         labels = meta.get("labels") or {}
         duration = spec.get("leaseDurationSeconds")
         transitions = spec.get("leaseTransitions")
+        shard = labels.get(SHARD_LABEL)
         return cls(
             namespace=str(meta.get("namespace", "")),
             lease=str(meta.get("name", "")),
@@ -157,6 +169,8 @@ class Election:
             duration_seconds=int(duration) if isinstance(duration, int) else None,
             transitions=int(transitions) if isinstance(transitions, int) else None,
             deleted=deleted,
+            shard=int(shard) if isinstance(shard, str) and shard.isdigit() else None,
+            member=MEMBER_LABEL in labels,
         )
 
     @property
@@ -194,7 +208,17 @@ class Election:
             "transitions": self.transitions,
             "looks_expired": self.looks_expired(now),
             "deleted": self.deleted,
+            "shard": self.shard,
+            "member": self.member,
         }
+
+    @property
+    def title(self) -> str:
+        """The election, with the shard (`shop[3]`) or `[member]` for `--shards` Leases."""
+        name = self.election or "<none>"
+        if self.shard is not None:
+            return f"{name}[{self.shard}]"
+        return f"{name}[member]" if self.member else name
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -249,7 +273,7 @@ class Table:
         expired = row.looks_expired(now)
         renew = human_duration((now - row.renew_time).total_seconds()) if row.renew_time else None
         cells = [
-            row.election or "<none>",
+            row.title,
             row.holder or "<none>",
             renew or "<unknown>",
             str(row.transitions) if row.transitions is not None else "<unknown>",

@@ -22,9 +22,7 @@ from typing import Any, Protocol
 
 from sidecar.election.lock import LockError, LockUnavailable
 from sidecar.election.record import LeaderRecord
-
-MEMBER_LABEL = "leader-sidecar.io/member-of"
-SHARD_LABEL = "leader-sidecar.io/shard"
+from sidecar.naming import MEMBER_LABEL
 
 
 def member_name(lease_name: str, identity: str) -> str:

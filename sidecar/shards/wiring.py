@@ -10,9 +10,8 @@ from sidecar.election.core import Timings
 from sidecar.election.elector import LeadershipHooks
 from sidecar.election.lock import LeaseLock
 from sidecar.leadership import Broadcaster
-from sidecar.naming import lease_labels
+from sidecar.naming import SHARD_LABEL, lease_labels
 from sidecar.shards.members import (
-    SHARD_LABEL,
     KubernetesMembers,
     LocalMembers,
     MemberRegistry,

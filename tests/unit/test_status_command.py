@@ -164,3 +164,20 @@ def test_a_bad_metrics_address_names_the_flag(
     err = capsys.readouterr().err
     assert err.startswith("leader-sidecar: error: invalid --metrics-address 'nowhere'")
     assert err.count("\n") == 1
+
+
+def test_shard_and_member_leases_are_shown_as_such() -> None:
+    from sidecar.cli.status import Election
+
+    def lease(labels: dict[str, str]) -> dict[str, object]:
+        return {
+            "metadata": {"namespace": "ns", "name": "l", "labels": labels},
+            "spec": {"holderIdentity": "pod-a"},
+        }
+
+    base = {"leader-sidecar.io/election": "shop"}
+    assert Election.from_lease(lease(base)).title == "shop"
+    shard = Election.from_lease(lease({**base, "leader-sidecar.io/shard": "3"}))
+    assert (shard.title, shard.shard) == ("shop[3]", 3)
+    member = Election.from_lease(lease({**base, "leader-sidecar.io/member-of": "l"}))
+    assert (member.title, member.member) == ("shop[member]", True)
