@@ -1,6 +1,9 @@
 // Watch who leads, through the leader-sidecar next to this app; print one line per change.
 //
-//	go run . [ADDRESS]    (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041; unix:/path works too)
+//	go run . [-shards] [ADDRESS]    (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041;
+//	                                 unix:/path works too)
+//
+// With -shards (a sidecar run with `--shards N`): print the shards this replica owns instead.
 package main
 
 import (
@@ -21,8 +24,13 @@ import (
 
 func main() {
 	address := os.Getenv("LEADER_SIDECAR_GRPC")
-	if len(os.Args) > 1 {
-		address = os.Args[1]
+	shards := false
+	for _, arg := range os.Args[1:] {
+		if arg == "-shards" || arg == "--shards" {
+			shards = true
+		} else {
+			address = arg
+		}
 	}
 	if address == "" {
 		address = "127.0.0.1:4041"
@@ -37,6 +45,10 @@ func main() {
 	}
 	defer conn.Close()
 	client := pb.NewLeaderElectionClient(conn)
+	if shards {
+		watchShards(ctx, pb.NewShardsClient(conn))
+		return
+	}
 
 	for ctx.Err() == nil {
 		// WaitForReady: while the sidecar starts, wait for it instead of failing at once.
@@ -80,5 +92,32 @@ func show(s *pb.Leadership) {
 	if line != lastLine { // one line per change, not per refreshed valid_until
 		fmt.Println(line)
 		lastLine = line
+	}
+}
+
+// Act on a shard only while the newest message lists it, and at most its valid_for_ms after the
+// message arrived.
+func watchShards(ctx context.Context, client pb.ShardsClient) {
+	for ctx.Err() == nil {
+		stream, err := client.Watch(ctx, &pb.WatchShardsRequest{}, grpc.WaitForReady(true))
+		for err == nil {
+			var set *pb.ShardSet
+			if set, err = stream.Recv(); err == nil {
+				owned := []string{}
+				for _, o := range set.GetOwned() {
+					owned = append(owned, fmt.Sprintf("%d@%d", o.GetShard(), o.GetFencingToken()))
+				}
+				line := fmt.Sprintf("owned=[%s] members=%s revision=%d",
+					strings.Join(owned, " "), strings.Join(set.GetMembers(), ","), set.GetRevision())
+				if line != lastLine {
+					fmt.Println(line)
+					lastLine = line
+				}
+			}
+		}
+		if ctx.Err() == nil {
+			log.Printf("watch ended: %v; reconnecting", err)
+			time.Sleep(time.Second)
+		}
 	}
 }

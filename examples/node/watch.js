@@ -1,6 +1,9 @@
 // Watch who leads, through the leader-sidecar next to this app; print one line per change.
 //
-//   node watch.js [ADDRESS]   (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041; unix:/path too)
+//   node watch.js [--shards] [ADDRESS]   (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041;
+//                                         unix:/path too)
+//
+// With --shards (a sidecar run with `--shards N`): print the shards this replica owns instead.
 //
 // The .proto is loaded at run time: no generated code. Copy proto/ next to your app, or point
 // LEADER_SIDECAR_PROTO_DIR at it.
@@ -19,11 +22,15 @@ const definition = protoLoader.loadSync("leadersidecar/v1/leader.proto", {
   enums: String, // "STATE_LEADER" rather than 2
   longs: String, // int64 fencing tokens do not fit a JS number
 });
-const { LeaderElection } = grpc.loadPackageDefinition(definition).leadersidecar.v1;
+const { LeaderElection, Shards } = grpc.loadPackageDefinition(definition).leadersidecar.v1;
 
-const address = process.argv[2] || process.env.LEADER_SIDECAR_GRPC || "127.0.0.1:4041";
+const args = process.argv.slice(2);
+const shards = args.includes("--shards");
+const address =
+  args.filter((a) => a !== "--shards")[0] || process.env.LEADER_SIDECAR_GRPC || "127.0.0.1:4041";
 // Loopback only, inside the pod: no TLS.
-const client = new LeaderElection(address, grpc.credentials.createInsecure());
+const Service = shards ? Shards : LeaderElection;
+const client = new Service(address, grpc.credentials.createInsecure());
 
 // Act as leader only while the newest message says is_leader, and at most valid_for_ms after it
 // arrived (the leader's stream refreshes it after every renewal, and says "not leader" when it
@@ -46,13 +53,27 @@ function show(s) {
   }
 }
 
+// Act on a shard only while the newest message lists it, and at most its valid_for_ms after the
+// message arrived.
+function showShards(set) {
+  const owned = set.owned
+    .map((o) => `${o.shard}@${o.fencing_token}`)
+    .sort()
+    .join(" ");
+  const line = `owned=[${owned}] members=${set.members.join(",") || "-"} revision=${set.revision}`;
+  if (line !== lastLine) {
+    console.log(line);
+    lastLine = line;
+  }
+}
+
 let stopping = false;
 let call = null;
 
 function watch() {
   // waitForReady: while the sidecar starts, wait for it instead of failing at once.
   call = client.watch({}, { waitForReady: true });
-  call.on("data", show);
+  call.on("data", shards ? showShards : show);
   call.on("error", (err) => {
     if (stopping) return;
     // The stream broke (sidecar restarting): until it is back, do not act as leader.

@@ -1,6 +1,9 @@
 """Watch who leads, through the leader-sidecar next to this app; print one line per change.
 
-    python watch.py [ADDRESS]   (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041; unix:/path too)
+    python watch.py [--shards] [ADDRESS]   (default $LEADER_SIDECAR_GRPC, else 127.0.0.1:4041;
+                                            unix:/path too)
+
+With --shards (a sidecar run with `--shards N`): print the shards this replica owns instead.
 
 The .proto is compiled at run time by grpcio-tools: no generated code to keep. Copy proto/ next to
 your app, or point LEADER_SIDECAR_PROTO_DIR at it.
@@ -45,14 +48,33 @@ def show(s: Any) -> None:  # a Leadership message; its class is made at run time
         last_line = line
 
 
+def show_shards(s: Any) -> None:  # a ShardSet message
+    """Act on a shard only while the newest message lists it, and at most its valid_for_ms after
+    the message arrived."""
+    global last_line
+    owned = " ".join(f"{o.shard}@{o.fencing_token}" for o in sorted(s.owned, key=lambda o: o.shard))
+    line = f"owned=[{owned}] members={','.join(s.members) or '-'} revision={s.revision}"
+    if line != last_line:
+        print(line, flush=True)
+        last_line = line
+
+
 def main() -> None:
-    address = (sys.argv[1:] or [os.environ.get("LEADER_SIDECAR_GRPC") or "127.0.0.1:4041"])[0]
+    args = sys.argv[1:]
+    shards = "--shards" in args
+    args = [a for a in args if a != "--shards"]
+    address = (args or [os.environ.get("LEADER_SIDECAR_GRPC") or "127.0.0.1:4041"])[0]
     # Loopback only, inside the pod: no TLS.
     with grpc.insecure_channel(address) as channel:
         client = services.LeaderElectionStub(channel)
+        shard_client = services.ShardsStub(channel)
         while True:
             try:
                 # wait_for_ready: while the sidecar starts, wait for it instead of failing.
+                if shards:
+                    request = pb.WatchShardsRequest()
+                    for shard_set in shard_client.Watch(request, wait_for_ready=True):
+                        show_shards(shard_set)
                 for state in client.Watch(pb.WatchRequest(), wait_for_ready=True):
                     show(state)
             except grpc.RpcError as exc:
