@@ -38,6 +38,7 @@ from sidecar.election.record import LeaderRecord
 from sidecar.shards.assignment import assign
 
 MEMBER_RENEWALS_PER_DURATION = 3
+FORGET_AFTER = 10  # lease durations of silence before a member record is deleted
 
 MakeCore = Callable[[str, Timings, random.Random], ElectionCore]
 
@@ -100,11 +101,20 @@ class Withdraw:
 
 
 @dataclass(frozen=True, slots=True)
+class Forget:
+    """Delete the member record of `identity`: it has not changed for FORGET_AFTER of its
+    durations (a replica killed without a goodbye, e.g. a SIGKILLed pod of a finished rollout).
+    Only housekeeping: a member that was only silent announces itself again."""
+
+    identity: str
+
+
+@dataclass(frozen=True, slots=True)
 class AllDone:
     """Shutdown finished on every shard."""
 
 
-ShardedAction = ShardAction | Announce | Withdraw | AllDone
+ShardedAction = ShardAction | Announce | Withdraw | Forget | AllDone
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +157,7 @@ class ShardedCore:
         self._shutting_down = False
         self._announced = False  # counts itself a member
         self._members_ready = False  # saw its own member record: the member view is complete
+        self._forgotten: set[str] = set()  # member records we asked to delete
         self._next_announce = 0.0
         self._announce_start: datetime | None = None
         self._last_renew: datetime | None = None
@@ -251,6 +262,7 @@ class ShardedCore:
         if self._started:
             self._rebalance(now, wall, out)
             self._maybe_announce(now, wall, out)
+            self._forget_the_long_gone(now, out)
         if self._shutting_down and not self._done and all(c.done for c in self.cores):
             self._done = True
             out.append(AllDone())
@@ -280,6 +292,7 @@ class ShardedCore:
                 seen[name] = previous  # unchanged: its expiry count goes on
             else:
                 seen[name] = (record, now)
+                self._forgotten.discard(name)
         self._members = seen
 
     def _rebalance(self, now: float, wall: datetime, out: list[ShardedAction]) -> None:
@@ -311,6 +324,16 @@ class ShardedCore:
                 change = core.SetEligible(eligible, self._app_health, reason)
                 self._step_core(i, change, now, wall, out)
 
+    def _forget_the_long_gone(self, now: float, out: list[ShardedAction]) -> None:
+        if not self._may_campaign():
+            return
+        for name, (record, changed_at) in self._members.items():
+            if name == self.identity or name in self._forgotten:
+                continue
+            if now >= changed_at + FORGET_AFTER * _duration(record, self.timings):
+                self._forgotten.add(name)
+                out.append(Forget(name))
+
     def _may_campaign(self) -> bool:
         return self._announced and self._members_ready and self._healthy and not self._shutting_down
 
@@ -340,6 +363,8 @@ class ShardedCore:
         for name, (record, changed_at) in self._members.items():
             if record.holder_identity and name != self.identity:
                 times.append(changed_at + _duration(record, self.timings))
+            if name != self.identity and name not in self._forgotten:
+                times.append(changed_at + FORGET_AFTER * _duration(record, self.timings))
         if self._may_campaign():
             grace = self.timings.lease_duration
             for i, since in enumerate(self._free_since):

@@ -52,6 +52,10 @@ class MemberRegistry(Protocol):
         """Remove our own member record."""
         ...
 
+    async def forget(self, identity: str) -> None:
+        """Remove another member's record (long silent); gone already is fine."""
+        ...
+
     def watch(self) -> AsyncIterator[dict[str, LeaderRecord]]:
         """Every member record by identity, at once and after every change. Returns when the
         server ends the watch; raises LockError on failures."""
@@ -80,6 +84,7 @@ class KubernetesMembers:
         self._api = api
         self._namespace = namespace
         self._identity = identity
+        self._lease_name = lease_name
         self._name = member_name(lease_name, identity)
         self._selector = f"{MEMBER_LABEL}={member_label_value(lease_name)}"
         self._labels = {**labels, MEMBER_LABEL: member_label_value(lease_name)}
@@ -140,6 +145,18 @@ class KubernetesMembers:
         except ApiError as exc:
             if exc.status != 404:
                 raise LockUnavailable(f"member record: {exc}") from exc
+        except Unreachable as exc:
+            raise LockUnavailable(str(exc)) from exc
+
+    async def forget(self, identity: str) -> None:
+        from sidecar.backends.kubeclient import ApiError, Unreachable
+
+        name = member_name(self._lease_name, identity)
+        try:
+            await self._api.request("DELETE", f"{self._collection}/{name}", timeout=self._timeout)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise LockUnavailable(f"member record of {identity}: {exc}") from exc
         except Unreachable as exc:
             raise LockUnavailable(str(exc)) from exc
 
@@ -243,6 +260,7 @@ class LocalMembers:
 
     def __init__(self, directory: Path, lease_name: str, identity: str) -> None:
         self._dir = directory
+        self._lease_name = lease_name
         self._prefix = f"{lease_name}-m-"
         self._path = directory / f"{member_name(lease_name, identity)}.member.json"
 
@@ -261,6 +279,11 @@ class LocalMembers:
     async def withdraw(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._path.unlink()
+
+    async def forget(self, identity: str) -> None:
+        path = self._dir / f"{member_name(self._lease_name, identity)}.member.json"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
     def _scan(self) -> dict[str, bytes]:
         found: dict[str, bytes] = {}

@@ -184,6 +184,9 @@ class ShardRunner:
                 self._spawn(self._member_call(self._members.announce(record), "announce"))
             case sharded.Withdraw():
                 self._spawn(self._member_call(self._members.withdraw(), "withdraw"))
+            case sharded.Forget(identity):
+                self._log.info("deleting a long-silent member record", member=identity)
+                self._spawn(self._member_call(self._members.forget(identity), "forget"))
             case sharded.AllDone():
                 self._done.set()
 

@@ -255,6 +255,8 @@ class ShardWorld:
                 self._member_write(replica, record)
             case sharded.Withdraw():
                 self._member_write(replica, None)
+            case sharded.Forget(identity):
+                self._forget(identity)
             case sharded.AllDone():
                 replica.alive = False
                 self.log(f"{replica.name} stopped")
@@ -287,6 +289,13 @@ class ShardWorld:
             else:
                 self.members[identity] = record
             self.notify_members()
+
+        self.at(self.now + self._latency(), apply)
+
+    def _forget(self, identity: str) -> None:
+        def apply() -> None:
+            if self.members.pop(identity, None) is not None:
+                self.notify_members()
 
         self.at(self.now + self._latency(), apply)
 

@@ -155,3 +155,16 @@ def test_a_failing_shard_seed_replays_with_its_trace() -> None:
     with pytest.raises(Violation) as again:
         simulate_shards(ran - 1, make_core=make, trace=True)
     assert str(first.value) == str(again.value)
+
+
+def test_a_crashed_replicas_member_record_is_deleted_after_ten_lease_durations() -> None:
+    world = ShardWorld(3, replicas=3, shards=4, faults=())
+    settled = _settle(world, 0.0, 20.0)
+    victim = world.live()[0]
+    victim.alive = False
+    victim.crashed = True
+    world.run(settled + 5 * TIMINGS.lease_duration)
+    assert victim.identity in world.members  # still there: only housekeeping, not urgent
+    world.run(settled + 12 * TIMINGS.lease_duration)
+    assert victim.identity not in world.members
+    assert set(world.members) == {r.identity for r in world.live()}
