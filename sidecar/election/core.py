@@ -539,7 +539,12 @@ class ElectionCore:
                             (("leader", holder), ("transitions", record.lease_transitions)),
                         )
                     )
-                elif holder == self.identity and not self._is_ours(record) and not self._leading:
+                elif (
+                    holder == self.identity
+                    and not self._is_ours(record)
+                    and not self._leading
+                    and not self._sending(record)  # our own write, seen before its answer
+                ):
                     out.append(
                         Log(
                             "warning",
@@ -684,6 +689,11 @@ class ElectionCore:
                 self._stepping = _Step.RELEASING
 
     # ------------------------------------------------------------------ leadership
+
+    def _sending(self, record: LeaderRecord) -> bool:
+        """Whether `record` is what the write in flight (or one whose answer was lost) says."""
+        sent = self._in_flight if isinstance(self._in_flight, _Sent) else self._unconfirmed
+        return sent is not None and sent.record == record
 
     def _is_ours(self, record: LeaderRecord) -> bool:
         return (

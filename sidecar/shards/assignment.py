@@ -4,9 +4,9 @@ computed alike by every replica that sees the same (no coordinator).
 Sticky balanced rendezvous hashing:
 
 1. Quotas. With N shards and M members, every member gets `N // M` shards and `N % M` of them
-   one more: those that hold the most shards now (counting at most N // M + 1, ties broken by
-   a hash of the name), so that balance is reached with the fewest moves and a member that
-   sheds shards keeps its rank while it does.
+   one more: those first by a hash of their name. Quotas depend on the member set alone, never
+   on who holds what: replicas that see the same members agree on them at every step of a
+   hand-off, so a shard taken is never given back for a quota that moved meanwhile.
 2. Keep. A member keeps the shards it holds, up to its quota (its best-scoring ones, a score
    being a hash of the shard and the member's name).
 3. Fill. Every other shard (free, held by someone who is no longer a member, or above its
@@ -51,11 +51,8 @@ def assign(
         if holder in held:
             held[holder].append(shard)
     base, extra = divmod(shards, len(names))
-    # Loads above base + 1 count as base + 1: a member shedding shards keeps its place.
-    by_load = sorted(
-        names, key=lambda name: (-min(len(held[name]), base + 1), score(-1, name), name)
-    )
-    quota = {name: base + (1 if rank < extra else 0) for rank, name in enumerate(by_load)}
+    ranked = sorted(names, key=lambda name: (score(-1, name), name))
+    quota = {name: base + (1 if rank < extra else 0) for rank, name in enumerate(ranked)}
     owners = [""] * shards
     room: dict[str, int] = {}
     for name in names:
