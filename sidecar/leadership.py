@@ -348,6 +348,19 @@ class Subscription:
     def __exit__(self, *exc: object) -> None:
         self._broadcaster._leave(self)
 
+    async def newer(self) -> None:
+        """Wait until a snapshot newer than the last one `next()` returned exists, without
+        telling the Broadcaster that one was handled."""
+        broadcaster = self._broadcaster
+        if self._sequence != broadcaster._sequence:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        broadcaster._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            broadcaster._waiters.discard(waiter)
+
     async def next(self) -> Leadership:
         broadcaster = self._broadcaster
         if self._sequence is not None:

@@ -146,10 +146,16 @@ class ThreadedGrpcApi:
             await self._forward_leadership()
 
     async def _forward_leadership(self) -> None:
+        """Hand each snapshot over; ask for the next one (which tells the main Broadcaster this
+        one was delivered) once every gRPC stream wrote it, or as soon as a newer one exists:
+        a gRPC client that stopped reading never holds up the others."""
         with self._broadcaster.subscription() as updates:
             while True:
                 snapshot = await updates.next()
-                await self._there(self._relay(snapshot))
+                relayed = asyncio.ensure_future(self._there(self._relay(snapshot)))
+                newer = asyncio.ensure_future(updates.newer())
+                await asyncio.wait({relayed, newer}, return_when=asyncio.FIRST_COMPLETED)
+                newer.cancel()
 
     async def _forward_shards(self) -> None:
         """As for leadership: the next shard set only once every gRPC stream wrote this one."""

@@ -469,3 +469,37 @@ async def test_unix_socket(tmp_path: Path) -> None:
             assert got.leader == "b"
     finally:
         await api.stop(grace=0)
+
+
+async def test_on_its_own_thread_a_client_that_stops_reading_does_not_delay_others() -> None:
+    from sidecar.api.grpc_thread import ThreadedGrpcApi
+    from sidecar.api.guard import Guard, StreamSlots
+
+    crashes: list[BaseException] = []
+    broadcaster = Broadcaster(follower())
+    api = ThreadedGrpcApi(
+        broadcaster, FakeControl(), Guard(), StreamSlots(None), lambda _, e: crashes.append(e)
+    )
+    address = await api.start("127.0.0.1:0")
+    try:
+        async with (
+            grpc.aio.insecure_channel(address, options=STUCK_CLIENT) as stuck_channel,
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            stuck = election_stub(stuck_channel).Watch(pb.WatchRequest())
+            await read(stuck)  # then never again
+            reader = election_stub(channel).Watch(pb.WatchRequest())
+            await read(reader)
+            worst = 0.0
+            for i in range(300):
+                published = broadcaster.publish(follower(leader=f"replica-{i}"))
+                sent = time.monotonic()
+                while (await read(reader)).revision != published.revision:
+                    pass
+                worst = max(worst, time.monotonic() - sent)
+            assert worst < 0.5, f"a change took {worst:.3f}s to reach the reading client"
+            stuck.cancel()
+            reader.cancel()
+    finally:
+        await api.stop(grace=0)
+    assert not crashes
