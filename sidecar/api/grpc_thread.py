@@ -160,10 +160,16 @@ class ThreadedGrpcApi:
     async def _forward_shards(self) -> None:
         """As for leadership: the next shard set only once every gRPC stream wrote this one."""
         assert self._shards is not None
-        updates = self._shards[0].subscribe()
+        broadcaster = self._shards[0]
+        updates = broadcaster.subscribe()
         try:
             async for snapshot in updates:
-                await self._there(self._relay_shards(snapshot))
+                # As for leadership: move on as soon as a newer shard set exists.
+                sequence = broadcaster._sequence
+                relayed = asyncio.ensure_future(self._there(self._relay_shards(snapshot)))
+                newer = asyncio.ensure_future(_woken_after(broadcaster, sequence))
+                await asyncio.wait({relayed, newer}, return_when=asyncio.FIRST_COMPLETED)
+                newer.cancel()
         finally:
             await updates.aclose()
 
@@ -190,3 +196,16 @@ class ThreadedGrpcApi:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
         if not self._thread.is_alive():
             self._loop.close()
+
+
+async def _woken_after(broadcaster: Any, sequence: int) -> None:
+    """Until `broadcaster` (a ShardsBroadcaster) woke its subscribers after `sequence`,
+    without telling it anything was handled."""
+    if broadcaster._sequence != sequence:
+        return
+    waiter = asyncio.get_running_loop().create_future()
+    broadcaster._waiters.add(waiter)
+    try:
+        await waiter
+    finally:
+        broadcaster._waiters.discard(waiter)
