@@ -213,6 +213,11 @@ class ShardedCore:
         return self._desired
 
     @property
+    def live_members(self) -> tuple[str, ...]:
+        """The live members as of the last step (sorted)."""
+        return self._assigned_from[0] if self._assigned_from else ()
+
+    @property
     def holders(self) -> tuple[str, ...]:
         """Each shard's holder as observed, as of the last step ("" free or unknown)."""
         return self._holders

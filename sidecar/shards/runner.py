@@ -91,6 +91,7 @@ class ShardRunner:
         self._views: list[View | None] = [None] * len(self._locks)
         self._member_error: str | None = None
         self._owned_count = -1
+        self._seen: tuple[Any, ...] = ()
 
     @property
     def shard_count(self) -> int:
@@ -172,9 +173,22 @@ class ShardRunner:
 
     def _feed(self, event: sharded.ShardedEvent) -> None:
         now = self._clock.monotonic()
+        published = False
         for action in self._core.step(event, now, self._clock.now()):
             self._perform(action, now)
-        self._publish(now)
+            published = published or (
+                isinstance(action, sharded.ShardAction) and isinstance(action.action, core.Publish)
+            )
+        # Most events (others' renewals) change nothing the app sees: build no snapshot then.
+        seen = (
+            self._core.live_members,
+            self._core.holders,
+            self._core.desired,
+            self._member_error,
+        )
+        if published or seen != self._seen:
+            self._seen = seen
+            self._publish(now)
 
     def _perform(self, action: sharded.ShardedAction, now: float) -> None:
         match action:
@@ -332,6 +346,7 @@ class ShardRunner:
 
     def _publish(self, now: float) -> None:
         wall = self._clock.now()
+        members = self._core.members(now)
         owned: list[OwnedShard] = []
         errors: list[str] = []
         ready = True
@@ -358,7 +373,7 @@ class ShardRunner:
             identity=self.identity,
             shards=self.shard_count,
             owned=tuple(owned),
-            members=tuple(self._core.members(now)),
+            members=tuple(members),
             assignment=self._core.holders,
             desired=self._core.desired,
             observed_at=wall,
