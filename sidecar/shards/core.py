@@ -20,9 +20,11 @@ while it announces itself.
 Assignment (sidecar/shards/assignment.py): from the live members and the holders this replica
 observes, every replica computes the same desired owner per shard, balanced within one, sticky
 to the current holders. A replica is eligible for shard i when it is healthy, not stopping, and
-either the desired owner of i, or i has had no holder for one lease duration as seen here
-(liveness: a desired owner that never takes its shard -- its view differs, it is stuck -- does
-not leave the shard unowned; anyone may then take it, and balance moves it later).
+either the desired owner of i, or i has had no holder for a while as seen here: two retry
+periods for the next member in i's rendezvous order, two more for each member after it
+(liveness: a desired owner that does not take its shard -- it released it on request and sits
+it out, its view differs, it is stuck -- does not leave the shard unowned; balance moves it
+later if it must).
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from datetime import datetime, timedelta
 from sidecar.election import core
 from sidecar.election.core import ElectionCore, Timings
 from sidecar.election.record import LeaderRecord
-from sidecar.shards.assignment import assign
+from sidecar.shards.assignment import assign, score
 
 MEMBER_RENEWALS_PER_DURATION = 3
 FORGET_AFTER = 10  # lease durations of silence before a member record is deleted
+ORPHAN_PERIODS = 2  # retry periods a free shard waits for its desired owner, per rank
 
 MakeCore = Callable[[str, Timings, random.Random], ElectionCore]
 
@@ -158,6 +161,7 @@ class ShardedCore:
         self._announced = False  # counts itself a member
         self._members_ready = False  # saw its own member record: the member view is complete
         self._forgotten: set[str] = set()  # member records we asked to delete
+        self._orphans: set[int] = set()  # shards taken while not their desired owner
         self._next_announce = 0.0
         self._announce_start: datetime | None = None
         self._last_renew: datetime | None = None
@@ -309,15 +313,19 @@ class ShardedCore:
         self._holders = holders
         desired = self._desired
         may = self._may_campaign()
-        grace = self.timings.lease_duration
+        keep, shed = self._swaps(holders, desired)
         for i in range(self.shards):
             if holders[i]:
                 self._free_since[i] = None
             elif self._free_since[i] is None:
                 self._free_since[i] = now
             free_since = self._free_since[i]
-            orphaned = free_since is not None and now >= free_since + grace
-            eligible = may and (desired[i] == self.identity or orphaned)
+            orphaned = free_since is not None and now >= free_since + self._grace(i, members)
+            if orphaned and desired[i] != self.identity and may:
+                self._orphans.add(i)
+            eligible = may and (
+                (desired[i] == self.identity and i not in shed) or orphaned or i in keep
+            )
             if eligible != self._eligible[i]:
                 self._eligible[i] = eligible
                 if not self._healthy:
@@ -328,6 +336,45 @@ class ShardedCore:
                     reason = f"shard assigned to {desired[i] or 'nobody'}"
                 change = core.SetEligible(eligible, self._app_health, reason)
                 self._step_core(i, change, now, wall, out)
+
+    def _swaps(
+        self, holders: tuple[str, ...], desired: tuple[str, ...]
+    ) -> tuple[set[int], set[int]]:
+        """Shards we took as orphans and the assignment would have us give back at once (we
+        are over quota and they score lowest): keep each, and give up instead the lowest-scoring
+        shard the assignment lets us keep. Once that one is released we are within quota and
+        the assignment keeps what we hold, so nobody needs to know which one we chose; giving
+        the orphan back instead would bounce it (its desired owner may be sitting it out after
+        a release on request)."""
+        me = self.identity
+        self._orphans = {i for i in self._orphans if holders[i] == me and desired[i] != me}
+        keep: set[int] = set()
+        shed: set[int] = set()
+        if not self._orphans:
+            return keep, shed
+        spare = sorted(
+            (j for j in range(self.shards) if holders[j] == me and desired[j] == me),
+            key=lambda j: score(j, me),
+        )
+        for i in sorted(self._orphans):
+            if not spare:
+                break
+            keep.add(i)
+            shed.add(spare.pop(0))
+        return keep, shed
+
+    def _grace(self, shard: int, members: tuple[str, ...]) -> float:
+        """How long a free shard waits for its desired owner before this replica may take it:
+        two retry periods for the next member in the shard's rendezvous order, two more for
+        each one after (a desired owner that released the shard on request sits it out, one
+        whose view differs does not see it as its own, one that is stuck does nothing)."""
+        others = sorted(
+            (name for name in members if name != self._desired[shard]),
+            key=lambda name: score(shard, name),
+            reverse=True,
+        )
+        rank = others.index(self.identity) if self.identity in others else len(others)
+        return ORPHAN_PERIODS * self.timings.retry_period * (rank + 1)
 
     def _forget_the_long_gone(self, now: float, out: list[ShardedAction]) -> None:
         if not self._may_campaign():
@@ -371,10 +418,10 @@ class ShardedCore:
             if name != self.identity and name not in self._forgotten:
                 times.append(changed_at + FORGET_AFTER * _duration(record, self.timings))
         if self._may_campaign():
-            grace = self.timings.lease_duration
+            members = self.live_members
             for i, since in enumerate(self._free_since):
                 if since is not None and not self._eligible[i]:
-                    times.append(since + grace)
+                    times.append(since + self._grace(i, members))
         future = [t for t in times if t > now]
         return min(future) if future else None
 

@@ -92,6 +92,7 @@ class ShardRunner:
         self._member_error: str | None = None
         self._owned_count = -1
         self._seen: tuple[Any, ...] = ()
+        self._withdrawing: asyncio.Task[None] | None = None
 
     @property
     def shard_count(self) -> int:
@@ -141,6 +142,10 @@ class ShardRunner:
             async with asyncio.timeout(timeout):
                 self._feed(core.Shutdown())
                 await self._pump(until=self._done)
+                # The withdrawal must land too: while others still see this replica as a
+                # member, they may wait for it to take back the shards it just released.
+                if self._withdrawing is not None:
+                    await asyncio.shield(self._withdrawing)
         except TimeoutError:
             self._log.warning("shutdown: the releases did not finish in time", timeout=timeout)
         finally:
@@ -197,7 +202,7 @@ class ShardRunner:
             case sharded.Announce(record):
                 self._spawn(self._member_call(self._members.announce(record), "announce"))
             case sharded.Withdraw():
-                self._spawn(self._member_call(self._members.withdraw(), "withdraw"))
+                self._withdrawing = self._spawn(self._withdraw())
             case sharded.Forget(identity):
                 self._log.info("deleting a long-silent member record", member=identity)
                 self._spawn(self._member_call(self._members.forget(identity), "forget"))
@@ -253,6 +258,15 @@ class ShardRunner:
         except Exception as exc:
             self._member_error = f"member record {what}: {exc!r}"
             self._log.exception("member record failed unexpectedly", action=what)
+
+    async def _withdraw(self) -> None:
+        """Delete our member record; a few tries (within the shutdown's time), as others may
+        wait for this replica until they see it gone or its record lapses."""
+        for attempt in range(3):
+            await self._member_call(self._members.withdraw(), "withdraw")
+            if self._member_error is None:
+                return
+            await asyncio.sleep(0.1 * (attempt + 1))
 
     async def _read(self, shard: int, timeout: float) -> None:
         answer = await _ask(self._locks[shard].get(), timeout, self._log)

@@ -83,6 +83,7 @@ class SReplica:
     wall_skew: float = 0.0
     alive: bool = True
     crashed: bool = False
+    leaving: bool = False  # told to shut down
     paused_until: float = 0.0
     queue: deque[Any] = field(default_factory=deque)
     tick_generation: int = 0
@@ -465,9 +466,10 @@ class ShardWorld:
             name = self.new_name()
             self.log(f"fault: {name} joins")
             self.spawn(name, at=self.now)
-        elif choice in ("leaves", "restarts") and len(live) > 1:
-            target = rng.choice(live)
+        elif choice in ("leaves", "restarts") and len([r for r in live if not r.leaving]) > 1:
+            target = rng.choice([r for r in live if not r.leaving])
             self.log(f"fault: {target.name} shuts down")
+            target.leaving = True
             self.deliver(target, core.Shutdown())
             if choice == "restarts":
                 self.spawn(
@@ -569,6 +571,9 @@ def simulate_shards(
 ) -> ShardResult:
     world = ShardWorld(seed, replicas, shards, fault_seconds, faults, trace, make_core)
     world.run(fault_seconds)
+    if not [r for r in world.live() if not r.leaving]:
+        world.spawn(world.new_name(), at=world.now)  # everyone left: one more replica starts
+        world.run(world.now + 0.001)
     for replica in world.live():  # pauses end, apps get healthy, watches come back
         replica.paused_until = min(replica.paused_until, world.now)
         world.deliver(replica, sharded.SetHealthy(True, "healthy"))

@@ -168,3 +168,23 @@ def test_a_crashed_replicas_member_record_is_deleted_after_ten_lease_durations()
     world.run(settled + 12 * TIMINGS.lease_duration)
     assert victim.identity not in world.members
     assert set(world.members) == {r.identity for r in world.live()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_released_shard_is_owned_by_another_replica_within_a_few_retry_periods(
+    seed: int,
+) -> None:
+    from sidecar.shards.core import ReleaseShard
+
+    world = ShardWorld(seed, replicas=3, shards=6, faults=())
+    settled = _settle(world, 0.0, 20.0)
+    world.run(settled + 1.0)
+    owners = world.ownership()
+    releaser = next(r for r in world.live() if r.identity == owners[2])
+    world.deliver(releaser, ReleaseShard(2))
+    start = world.now
+    while world.ownership()[2] in ("", releaser.identity):
+        assert world.now < start + 6 * TIMINGS.retry_period / 0.9, world.ownership()
+        world.run(world.now + 0.01)
+    assert world.ownership()[2] != releaser.identity
+    _settle(world, world.now, world.now + 3 * TIMINGS.lease_duration)
