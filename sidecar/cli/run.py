@@ -22,7 +22,7 @@ from sidecar.config import (
     parse_http_url,
     parse_positive_int,
 )
-from sidecar.naming import default_identity
+from sidecar.naming import default_identity, is_dns_subdomain
 
 ENV_PREFIX = "LEADER_SIDECAR_"
 
@@ -360,6 +360,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     shards = _convert(args, by_flag["--shards"], parse_positive_int)
     if shards is not None and shards > MAX_SHARDS:
         raise ConfigError(f"--shards must be at most {MAX_SHARDS} (got {shards})")
+    if shards is not None:
+        # Shard Leases are <name>-<i>, member Leases <name>-m-<16 hex>: both must be valid.
+        longest = f"{lease_name or prefix + '-0123456789abcdef'}-m-0123456789abcdef"
+        if not is_dns_subdomain(longest):
+            raise ConfigError(
+                "--shards: the Lease name is too long to derive the shard and member Lease "
+                "names from it (at most 234 characters); use a shorter --lease-name or "
+                "--lease-prefix"
+            )
     return Settings(
         shards=shards,
         api_token_file=Path(token_file) if token_file else None,

@@ -43,6 +43,8 @@ def test_the_shards_flag_and_its_env_var(monkeypatch: pytest.MonkeyPatch) -> Non
     for bad in ("0", "-1", "x", "100000"):
         with pytest.raises(ConfigError, match="shards"):
             settings_from_args(parse(["run", "--shards", bad]))
+    with pytest.raises(ConfigError, match="too long"):
+        settings_from_args(parse(["run", "--shards", "4", "--lease-name", "a" * 240]))
 
 
 def _leader() -> Leadership:
