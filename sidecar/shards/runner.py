@@ -110,7 +110,18 @@ class ShardRunner:
         ]
         self._watchers.append(asyncio.create_task(self._watch_members(), name="member-watch"))
         try:
+            # The app's health as known before the start (unknown: not healthy) goes first,
+            # so that an unhealthy replica never announces itself, not even for a moment.
+            early: list[sharded.ShardedEvent] = []
+            while not self._events.empty():
+                event = self._events.get_nowait()
+                if isinstance(event, sharded.SetHealthy):
+                    self._feed(event)
+                else:
+                    early.append(event)
             self._feed(core.Start())
+            for event in early:
+                self._events.put_nowait(event)
             await self._pump(until=None)
         finally:
             for task in self._watchers:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sidecar.backends.local import LocalLeaseLock
 from sidecar.election.core import Timings
+from sidecar.election.record import LeaderRecord
 from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
 from sidecar.shards.members import LocalMembers, member_name
 from sidecar.shards.runner import ShardRunner, initial_snapshot
@@ -71,3 +72,44 @@ async def test_shutdown_releases_every_shard_and_waits_for_the_withdrawal(tmp_pa
     await asyncio.gather(task, return_exceptions=True)
     await runner.shutdown(timeout=5)
     _after_shutdown(tmp_path, names)
+
+
+async def test_a_replica_whose_app_is_not_healthy_yet_never_announces_itself(
+    tmp_path: Path,
+) -> None:
+    tmp_path = _private(tmp_path)
+    announced: list[object] = []
+
+    class Recording(LocalMembers):
+        async def announce(self, record: LeaderRecord) -> None:
+            announced.append(record)
+
+    leader = Broadcaster(
+        Leadership(
+            identity="me",
+            role=Role.UNKNOWN,
+            leader="",
+            lease=LeaseInfo("lease-0", "local"),
+            observed_at=datetime.now(UTC),
+        )
+    )
+    runner = ShardRunner(
+        [LocalLeaseLock(tmp_path, "lease-0")],
+        Recording(tmp_path, "lease", "me"),
+        "me",
+        TIMINGS,
+        leader,
+        ShardsBroadcaster(initial_snapshot("me", 1)),
+        ["lease-0"],
+        "local",
+    )
+    runner.set_eligible(False, "unknown")  # as app.py does with --app-health-url
+    task = asyncio.create_task(runner.run())
+    await asyncio.sleep(0.3)
+    assert announced == []
+    runner.set_eligible(True, "healthy")
+    await asyncio.sleep(0.3)
+    assert len(announced) == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await runner.shutdown(timeout=2)
