@@ -238,7 +238,7 @@ class Elector:
     # --------------------------------------------------------------------- I/O
 
     async def _read(self, timeout: float) -> None:
-        answer, _ = await self._ask(self._lock.get(), timeout)
+        answer, _ = await ask(self._lock.get(), timeout, self._log)
         self._events.put_nowait(answer)
 
     async def _write(self, action: core.Create | core.Update) -> None:
@@ -247,35 +247,13 @@ class Elector:
             call = self._lock.create(action.record)
         else:
             call = self._lock.update(action.record, action.version)
-        answer, error = await self._ask(call, action.timeout)
+        answer, error = await ask(call, action.timeout, self._log)
         if action.purpose is Purpose.RENEW:
             if error is None:
                 self._observer.renewed(self._clock.monotonic() - started)
             else:
                 self._observer.renew_failed(error)
         self._events.put_nowait(answer)
-
-    async def _ask(
-        self, call: Awaitable[VersionedRecord | None], timeout: float
-    ) -> tuple[Answer, BaseException | None]:
-        """Run one backend call; every way it can end becomes an Answer, never an exception
-        (the exception, if any, is handed back for the metrics)."""
-        try:
-            async with asyncio.timeout(max(timeout, 0.0)):
-                return Answer(Outcome.OK, await call), None
-        except LockConflict as exc:
-            return Answer(Outcome.CONFLICT, error=str(exc)), exc
-        except LockNotFound as exc:
-            return Answer(Outcome.NOT_FOUND, error=str(exc)), exc
-        except LockForbidden as exc:
-            return Answer(Outcome.FORBIDDEN, error=str(exc), retry_after=exc.retry_after), exc
-        except LockError as exc:
-            return Answer(Outcome.UNKNOWN, error=str(exc), retry_after=exc.retry_after), exc
-        except TimeoutError as exc:
-            return Answer(Outcome.UNKNOWN, error="the backend did not answer in time"), exc
-        except Exception as exc:  # a backend bug must not end the election
-            self._log.exception("backend call failed unexpectedly")
-            return Answer(Outcome.UNKNOWN, error=f"unexpected backend failure: {exc!r}"), exc
 
     async def _hook(
         self,
@@ -335,33 +313,60 @@ class Elector:
     # ------------------------------------------------------------- publishing
 
     def _snapshot(self, view: View, now: float) -> Leadership:
-        wall = self._clock.now()
-        record = view.record
-        leading = view.valid_until is not None
-        return Leadership(
-            identity=self.identity,
-            role=Role(view.role.value),
-            leader=view.leader,
-            lease=LeaseInfo(
-                name=self._lease_name,
-                namespace=self._namespace,
-                transitions=record.lease_transitions if record else None,
-                acquire_time=record.acquire_time if record else None,
-                renew_time=record.renew_time if record else None,
-                duration_seconds=record.lease_duration_seconds if record else None,
-            ),
-            observed_at=wall,
-            valid_until=(
-                wall + timedelta(seconds=view.valid_until - now)
-                if leading and view.valid_until is not None
-                else None
-            ),
-            valid_until_monotonic=view.valid_until,
-            fencing_token=view.fencing_token,
-            error=view.error,
-            ready=view.ready,
-            app_health=view.app_health,
+        return leadership_from_view(
+            view, self.identity, self._lease_name, self._namespace, now, self._clock.now()
         )
+
+
+async def ask(
+    call: Awaitable[VersionedRecord | None], timeout: float, log: Any
+) -> tuple[Answer, BaseException | None]:
+    """Run one backend call; every way it can end becomes an Answer, never an exception
+    (the exception, if any, is handed back for the metrics)."""
+    try:
+        async with asyncio.timeout(max(timeout, 0.0)):
+            return Answer(Outcome.OK, await call), None
+    except LockConflict as exc:
+        return Answer(Outcome.CONFLICT, error=str(exc)), exc
+    except LockNotFound as exc:
+        return Answer(Outcome.NOT_FOUND, error=str(exc)), exc
+    except LockForbidden as exc:
+        return Answer(Outcome.FORBIDDEN, error=str(exc), retry_after=exc.retry_after), exc
+    except LockError as exc:
+        return Answer(Outcome.UNKNOWN, error=str(exc), retry_after=exc.retry_after), exc
+    except TimeoutError as exc:
+        return Answer(Outcome.UNKNOWN, error="the backend did not answer in time"), exc
+    except Exception as exc:  # a backend bug must not end the election
+        log.exception("backend call failed unexpectedly")
+        return Answer(Outcome.UNKNOWN, error=f"unexpected backend failure: {exc!r}"), exc
+
+
+def leadership_from_view(
+    view: View, identity: str, lease_name: str, namespace: str, now: float, wall: datetime
+) -> Leadership:
+    """The core's view as the snapshot every API shows (times: local monotonic -> wall)."""
+    record = view.record
+    until = view.valid_until
+    return Leadership(
+        identity=identity,
+        role=Role(view.role.value),
+        leader=view.leader,
+        lease=LeaseInfo(
+            name=lease_name,
+            namespace=namespace,
+            transitions=record.lease_transitions if record else None,
+            acquire_time=record.acquire_time if record else None,
+            renew_time=record.renew_time if record else None,
+            duration_seconds=record.lease_duration_seconds if record else None,
+        ),
+        observed_at=wall,
+        valid_until=wall + timedelta(seconds=until - now) if until is not None else None,
+        valid_until_monotonic=until,
+        fencing_token=view.fencing_token,
+        error=view.error,
+        ready=view.ready,
+        app_health=view.app_health,
+    )
 
 
 class _Backoff:

@@ -19,23 +19,21 @@ from typing import Any
 import structlog
 
 from sidecar.election import core
-from sidecar.election.core import Answer, HookKind, Outcome, Timings, View
+from sidecar.election.core import HookKind, Timings, View
 from sidecar.election.elector import (
     DELIVERY_SECONDS,
     Clock,
     LeadershipHooks,
     Resignation,
     _Backoff,
+    ask,
+    leadership_from_view,
 )
 from sidecar.election.lock import (
     LeaseLock,
-    LockConflict,
     LockError,
-    LockForbidden,
-    LockNotFound,
 )
-from sidecar.election.record import VersionedRecord
-from sidecar.leadership import Broadcaster, Leadership, LeaseInfo, Role
+from sidecar.leadership import Broadcaster, Leadership
 from sidecar.shards import core as sharded
 from sidecar.shards.core import ShardedCore
 from sidecar.shards.members import MemberRegistry
@@ -280,7 +278,7 @@ class ShardRunner:
             await asyncio.sleep(0.1 * (attempt + 1))
 
     async def _read(self, shard: int, timeout: float) -> None:
-        answer = await _ask(self._locks[shard].get(), timeout, self._log)
+        answer, _ = await ask(self._locks[shard].get(), timeout, self._log)
         self._events.put_nowait(sharded.ShardEvent(shard, answer))
 
     async def _write(self, shard: int, action: core.Create | core.Update) -> None:
@@ -289,7 +287,7 @@ class ShardRunner:
             call = lock.create(action.record)
         else:
             call = lock.update(action.record, action.version)
-        answer = await _ask(call, action.timeout, self._log)
+        answer, _ = await ask(call, action.timeout, self._log)
         self._events.put_nowait(sharded.ShardEvent(shard, answer))
 
     async def _hook(
@@ -411,32 +409,8 @@ class ShardRunner:
             self._observer.owned(len(owned))
 
     def _leadership(self, view: View, now: float) -> Leadership:
-        wall = self._clock.now()
-        record = view.record
-        leading = view.valid_until is not None
-        return Leadership(
-            identity=self.identity,
-            role=Role(view.role.value),
-            leader=view.leader,
-            lease=LeaseInfo(
-                name=self._lease_names[0],
-                namespace=self._namespace,
-                transitions=record.lease_transitions if record else None,
-                acquire_time=record.acquire_time if record else None,
-                renew_time=record.renew_time if record else None,
-                duration_seconds=record.lease_duration_seconds if record else None,
-            ),
-            observed_at=wall,
-            valid_until=(
-                wall + timedelta(seconds=view.valid_until - now)
-                if leading and view.valid_until is not None
-                else None
-            ),
-            valid_until_monotonic=view.valid_until,
-            fencing_token=view.fencing_token,
-            error=view.error,
-            ready=view.ready,
-            app_health=view.app_health,
+        return leadership_from_view(
+            view, self.identity, self._lease_names[0], self._namespace, now, self._clock.now()
         )
 
 
@@ -450,23 +424,3 @@ def initial_snapshot(identity: str, shards: int) -> ShardsSnapshot:
         desired=("",) * shards,
         observed_at=datetime.now(UTC),
     )
-
-
-async def _ask(call: Awaitable[VersionedRecord | None], timeout: float, log: Any) -> Answer:
-    """One backend call as an Answer (as elector.py's), never an exception."""
-    try:
-        async with asyncio.timeout(max(timeout, 0.0)):
-            return Answer(Outcome.OK, await call)
-    except LockConflict as exc:
-        return Answer(Outcome.CONFLICT, error=str(exc))
-    except LockNotFound as exc:
-        return Answer(Outcome.NOT_FOUND, error=str(exc))
-    except LockForbidden as exc:
-        return Answer(Outcome.FORBIDDEN, error=str(exc), retry_after=exc.retry_after)
-    except LockError as exc:
-        return Answer(Outcome.UNKNOWN, error=str(exc), retry_after=exc.retry_after)
-    except TimeoutError:
-        return Answer(Outcome.UNKNOWN, error="the backend did not answer in time")
-    except Exception as exc:
-        log.exception("backend call failed unexpectedly")
-        return Answer(Outcome.UNKNOWN, error=f"unexpected backend failure: {exc!r}")
