@@ -71,6 +71,7 @@ class HttpApi:
         self._closing = asyncio.Event()
         self._streams = 0
         self._table: dict[str, dict[str, Handler]] | None = None
+        self._sharded = shards is not None
         self._shards = ShardsHttp(
             shards[0] if shards else None,
             shards[1] if shards else None,
@@ -158,7 +159,7 @@ class HttpApi:
         if _wants_html(request):
             from sidecar.api.status_page import page
 
-            body, headers = page()
+            body, headers = page(shards=self._sharded)
             return web.Response(body=body, headers=headers)
         return web.Response(
             body=self._broadcaster.current.as_of(time.monotonic()).to_json(),

@@ -17,10 +17,16 @@ from importlib import resources
 _INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
 
 
+_SHARDS_OFF = b'<meta name="leader-sidecar-shards" content="off">'
+
+
 @functools.cache
-def page() -> tuple[bytes, dict[str, str]]:
-    """The page and its headers (read and hashed once)."""
+def page(shards: bool = False) -> tuple[bytes, dict[str, str]]:
+    """The page and its headers (read and hashed once per variant). With `shards` the page
+    follows `/shards` too; the mark sits outside the script, so its hash does not change."""
     body = resources.files("sidecar.api").joinpath("status_page.html").read_bytes()
+    if shards:
+        body = body.replace(_SHARDS_OFF, _SHARDS_OFF.replace(b'"off"', b'"on"'))
     hashes: dict[bytes, list[str]] = {b"script": [], b"style": []}
     for match in _INLINE.finditer(body):
         digest = base64.b64encode(hashlib.sha256(match.group(2)).digest()).decode()

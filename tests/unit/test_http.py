@@ -201,3 +201,14 @@ async def test_a_resign_that_could_not_release_is_503_with_the_reason(api: Api) 
         "identity": "me",
         "error": "release failed: timeout",
     }
+
+
+def test_the_status_page_follows_shards_only_when_the_sidecar_runs_them() -> None:
+    from sidecar.api.status_page import page
+
+    plain, plain_headers = page()
+    sharded, sharded_headers = page(shards=True)
+    assert b'<meta name="leader-sidecar-shards" content="off">' in plain
+    assert b'<meta name="leader-sidecar-shards" content="on">' in sharded
+    # The mark is outside the script: the same hashes allow the same script in both.
+    assert plain_headers["Content-Security-Policy"] == sharded_headers["Content-Security-Policy"]
