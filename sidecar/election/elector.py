@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -263,23 +263,18 @@ class Elector:
         previous: asyncio.Task[None] | None,
     ) -> None:
         """Hooks run one after another, in the order the core asked for them."""
+
+        async def body(remaining: float) -> None:
+            if kind is HookKind.STEPPING_DOWN:
+                # Let subscribers hear "not leader" before anyone else can win.
+                await self._broadcaster.delivered(timeout=min(DELIVERY_SECONDS, remaining))
+                if self._hooks is not None:
+                    await self._hooks.stepping_down()
+            elif self._hooks is not None:
+                await self._hooks.becoming_leader()
+
         try:
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(previous)
-            remaining = max(0.0, deadline - self._clock.monotonic())
-            async with asyncio.timeout(remaining):
-                if kind is HookKind.STEPPING_DOWN:
-                    # Let subscribers hear "not leader" before anyone else can win.
-                    await self._broadcaster.delivered(timeout=min(DELIVERY_SECONDS, remaining))
-                    if self._hooks is not None:
-                        await self._hooks.stepping_down()
-                elif self._hooks is not None:
-                    await self._hooks.becoming_leader()
-        except TimeoutError:
-            self._log.warning("hook timed out", hook=kind.value)
-        except Exception as exc:
-            self._log.warning("hook failed", hook=kind.value, error=str(exc))
+            await run_hook(body, previous, deadline, self._clock, self._log.bind(hook=kind.value))
         finally:
             self._events.put_nowait(core.HookDone(hook_id))
 
@@ -316,6 +311,28 @@ class Elector:
         return leadership_from_view(
             view, self.identity, self._lease_name, self._namespace, now, self._clock.now()
         )
+
+
+async def run_hook(
+    body: Callable[[float], Awaitable[None]],
+    previous: asyncio.Task[None] | None,
+    deadline: float,
+    clock: Clock,
+    log: Any,
+) -> None:
+    """Run a hook after the one before it, until `deadline` (local monotonic); its failure is
+    logged, never raised. `body` gets the seconds left."""
+    try:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(previous)
+        remaining = max(0.0, deadline - clock.monotonic())
+        async with asyncio.timeout(remaining):
+            await body(remaining)
+    except TimeoutError:
+        log.warning("hook timed out")
+    except Exception as exc:
+        log.warning("hook failed", error=str(exc))
 
 
 async def ask(

@@ -9,7 +9,6 @@ Pod label and `--notify-url` follow shard 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Coroutine, Sequence
@@ -28,6 +27,7 @@ from sidecar.election.elector import (
     _Backoff,
     ask,
     leadership_from_view,
+    run_hook,
 )
 from sidecar.election.lock import (
     LeaseLock,
@@ -298,26 +298,21 @@ class ShardRunner:
         deadline: float,
         previous: asyncio.Task[None] | None,
     ) -> None:
+        async def body(remaining: float) -> None:
+            if kind is HookKind.STEPPING_DOWN:
+                # The app hears "no longer yours" (streams) before anyone else can win.
+                wait = min(DELIVERY_SECONDS, remaining)
+                await self._shards.delivered(timeout=wait)
+                if shard == 0:
+                    await self._leader.delivered(timeout=wait)
+                    if self._hooks is not None:
+                        await self._hooks.stepping_down()
+            elif shard == 0 and self._hooks is not None:
+                await self._hooks.becoming_leader()
+
+        log = self._log.bind(hook=kind.value, shard=shard)
         try:
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(previous)
-            remaining = max(0.0, deadline - self._clock.monotonic())
-            async with asyncio.timeout(remaining):
-                if kind is HookKind.STEPPING_DOWN:
-                    # The app hears "no longer yours" (streams) before anyone else can win.
-                    wait = min(DELIVERY_SECONDS, remaining)
-                    await self._shards.delivered(timeout=wait)
-                    if shard == 0:
-                        await self._leader.delivered(timeout=wait)
-                        if self._hooks is not None:
-                            await self._hooks.stepping_down()
-                elif shard == 0 and self._hooks is not None:
-                    await self._hooks.becoming_leader()
-        except TimeoutError:
-            self._log.warning("hook timed out", hook=kind.value, shard=shard)
-        except Exception as exc:
-            self._log.warning("hook failed", hook=kind.value, shard=shard, error=str(exc))
+            await run_hook(body, previous, deadline, self._clock, log)
         finally:
             self._events.put_nowait(sharded.ShardEvent(shard, core.HookDone(hook_id)))
 
